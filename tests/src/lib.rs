@@ -1,0 +1,286 @@
+//! A harness that runs private Nix daemons for the tests and benchmarks.
+//!
+//! Each [`Daemon`] is a real `nix-daemon` (2.26.3 from the Debian trixie root, or
+//! 2.8.0 from the bookworm root that `tools/nix-env setup` prepares) serving a fresh
+//! store of its own, relocated the way Nix's functional tests relocate theirs. The
+//! daemon runs chrooted into its root; its directory lives in that root's /tmp, so the
+//! host reaches the socket through the root's path. Dropping the [`Daemon`] kills it
+//! and its per-connection children, by pid, and removes the store.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Once;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use rust_store::{Client, ConnectOptions, StoreDir};
+
+/// Which Nix the daemon runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nix {
+    /// 2.26.3, protocol 1.38: the reference.
+    V2_26,
+    /// 2.8.0, an older protocol.
+    V2_8,
+}
+
+impl Nix {
+    fn root_name(self) -> &'static str {
+        match self {
+            Nix::V2_26 => "trixie",
+            Nix::V2_8 => "bookworm",
+        }
+    }
+}
+
+/// Whether the daemon trusts the test process (decided by its `trusted-users`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trust {
+    Trusted,
+    Untrusted,
+}
+
+/// The cache `tools/nix-env` fills.
+pub fn cache_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("NIXRS_CACHE") {
+        return PathBuf::from(d);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache"));
+    base.join("nixrs")
+}
+
+/// The root holding the given Nix, checked to be set up.
+pub fn nix_root(nix: Nix) -> PathBuf {
+    let root = cache_dir().join(nix.root_name());
+    assert!(
+        root.join(".nixrs-packages").exists(),
+        "{} is not set up: run `tools/nix-env setup` (as root) first",
+        root.display()
+    );
+    if !root.join("proc/self").exists() {
+        let status = Command::new("mount").args(["-t", "proc", "proc"]).arg(root.join("proc")).status();
+        assert!(status.is_ok_and(|s| s.success()), "cannot mount /proc in {}", root.display());
+    }
+    if !root.join("dev/null").exists() {
+        let status = Command::new("mount").arg("--rbind").arg("/dev").arg(root.join("dev")).status();
+        assert!(status.is_ok_and(|s| s.success()), "cannot mount /dev in {}", root.display());
+    }
+    root
+}
+
+/// The unpacked Nix 2.26.3 source.
+pub fn nix_source() -> PathBuf {
+    nix_root(Nix::V2_26).join("src/nix")
+}
+
+/// Installs a `tracing` subscriber once, filtered by RUST_LOG.
+pub fn init_tracing() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
+    });
+}
+
+/// A running private daemon and its store.
+pub struct Daemon {
+    pub nix: Nix,
+    root: PathBuf,
+    /// The daemon's directory as the daemon sees it (inside the root).
+    dir: String,
+    /// The socket as this process reaches it.
+    pub socket: PathBuf,
+    /// The store directory (a path inside the root, as Nix prints it).
+    pub store_dir: StoreDir,
+    child: Child,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+impl Daemon {
+    pub fn start(nix: Nix, trust: Trust) -> Daemon {
+        init_tracing();
+        let root = nix_root(nix);
+        let dir = format!("/tmp/nt-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let host_dir = root.join(dir.trim_start_matches('/'));
+        let _ = std::fs::remove_dir_all(&host_dir);
+        for sub in ["store", "var/nix", "var/log/nix", "etc", "home"] {
+            std::fs::create_dir_all(host_dir.join(sub)).expect("create the daemon's directories");
+        }
+        let trusted_users = match trust {
+            Trust::Trusted => "root",
+            Trust::Untrusted => "",
+        };
+        std::fs::write(
+            host_dir.join("etc/nix.conf"),
+            format!(
+                "build-users-group =\nsandbox = false\nsubstituters =\ntrusted-users = {trusted_users}\n\
+                 allowed-users = *\nexperimental-features = nix-command ca-derivations\n\
+                 keep-derivations = true\nfsync-metadata = false\n"
+            ),
+        )
+        .expect("write nix.conf");
+        // Create the store's database and directories before any connection can race
+        // to do it (Nix 2.8.0 fails one of two first connections that do).
+        let init = Command::new("chroot")
+            .arg(&root)
+            .arg("/usr/bin/env")
+            .arg("-i")
+            .args(Self::env_of(&dir))
+            .args(["NIX_REMOTE=local", "nix-store", "--init"])
+            .output()
+            .expect("run nix-store --init");
+        assert!(init.status.success(), "nix-store --init failed: {}", String::from_utf8_lossy(&init.stderr));
+        let socket = host_dir.join("socket");
+        let log = std::fs::File::create(host_dir.join("daemon.log")).expect("create the daemon's log");
+        let child = Command::new("chroot")
+            .arg(&root)
+            .arg("/usr/bin/env")
+            .arg("-i")
+            .args(Self::env_of(&dir))
+            .arg("NIX_REMOTE=local")
+            .arg("nix-daemon")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log"))
+            .stderr(log)
+            .spawn()
+            .expect("start nix-daemon");
+        let store_dir = StoreDir::new(format!("{dir}/store")).expect("a valid store dir");
+        let daemon = Daemon { nix, root, dir, socket, store_dir, child };
+        daemon.wait_ready();
+        daemon
+    }
+
+    /// The environment that relocates a store into `dir`.
+    fn env_of(dir: &str) -> Vec<String> {
+        vec![
+            "PATH=/usr/bin:/bin".into(),
+            format!("HOME={dir}/home"),
+            format!("NIX_STORE_DIR={dir}/store"),
+            format!("NIX_STATE_DIR={dir}/var/nix"),
+            format!("NIX_LOG_DIR={dir}/var/log/nix"),
+            format!("NIX_CONF_DIR={dir}/etc"),
+            format!("NIX_DAEMON_SOCKET_PATH={dir}/socket"),
+        ]
+    }
+
+    fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::os::unix::net::UnixStream::connect(&self.socket).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("nix-daemon did not come up; its log:\n{}", self.log());
+    }
+
+    /// What the daemon wrote to its stdout and stderr.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.host_path("daemon.log")).unwrap_or_default()
+    }
+
+    /// A path in the daemon's directory, as this process reaches it.
+    pub fn host_path(&self, rel: &str) -> PathBuf {
+        self.root.join(self.dir.trim_start_matches('/')).join(rel)
+    }
+
+    /// A path in the daemon's directory, as the daemon and the Nix CLI see it.
+    pub fn inner_path(&self, rel: &str) -> String {
+        format!("{}/{rel}", self.dir)
+    }
+
+    /// The host path of a store path's contents.
+    pub fn real_path(&self, printed: &str) -> PathBuf {
+        self.root.join(printed.trim_start_matches('/'))
+    }
+
+    pub fn options(&self) -> ConnectOptions {
+        ConnectOptions { store_dir: self.store_dir.clone(), ..ConnectOptions::default() }
+    }
+
+    pub async fn connect(&self) -> Client {
+        self.connect_with(self.options()).await
+    }
+
+    pub async fn connect_with(&self, options: ConnectOptions) -> Client {
+        match Client::connect(&self.socket, options).await {
+            Ok(c) => c,
+            Err(e) => panic!("connecting to the daemon: {e}\ndaemon log:\n{}", self.log()),
+        }
+    }
+
+    /// Runs a Nix command inside the root as a client of this daemon.
+    pub fn nix(&self, args: &[&str]) -> Output {
+        Command::new("chroot")
+            .arg(&self.root)
+            .arg("/usr/bin/env")
+            .arg("-i")
+            .args(Self::env_of(&self.dir))
+            .arg("NIX_REMOTE=daemon")
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run a nix command")
+    }
+
+    /// Like [`Daemon::nix`], returning stdout and panicking on failure.
+    pub fn nix_ok(&self, args: &[&str]) -> String {
+        let out = self.nix(args);
+        assert!(
+            out.status.success(),
+            "{args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8(out.stdout).expect("UTF-8 output")
+    }
+
+    /// The daemon's per-connection children.
+    pub fn workers(&self) -> Vec<u32> {
+        children_of(self.child.id())
+    }
+
+    /// Kills the daemon and its connection workers at once.
+    pub fn kill(&mut self) {
+        for pid in self.workers() {
+            kill(pid);
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+        let dir = self.root.join(self.dir.trim_start_matches('/'));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// Processes whose parent is `parent`.
+pub fn children_of(parent: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return out };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else { continue };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // The command name may hold spaces; the parent pid is the second field after it.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else { continue };
+        let ppid = rest.split_whitespace().nth(1).and_then(|s| s.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+fn kill(pid: u32) {
+    // The process may have exited already; that is fine.
+    let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).stderr(Stdio::null()).status();
+}
