@@ -42,10 +42,7 @@ pub fn encode(bytes: &[u8]) -> String {
 /// Decodes Nix base-32, rejecting characters outside the alphabet, lengths no
 /// byte string encodes to, and set bits beyond the last byte (as Nix does).
 pub fn decode(s: &str) -> Result<Vec<u8>, InvalidBase32> {
-    let err = |problem| InvalidBase32 {
-        input: s.to_owned(),
-        problem,
-    };
+    let err = |problem| InvalidBase32 { input: s.to_owned(), problem };
     let digits = s
         .chars()
         .map(|c| match u8::try_from(c).map(|b| DIGITS[usize::from(b)]) {
@@ -122,9 +119,7 @@ mod tests {
         assert_eq!(encode(&sha256), s);
         assert_eq!(decode(s).unwrap(), sha256);
 
-        let sha1 = data_encoding::HEXLOWER
-            .decode(b"a9993e364706816aba3e25717850c26c9cd0d89d")
-            .unwrap();
+        let sha1 = data_encoding::HEXLOWER.decode(b"a9993e364706816aba3e25717850c26c9cd0d89d").unwrap();
         let s = "kpcd173cq987hw957sx6m0868wv3x6d9";
         assert_eq!(encode(&sha1), s);
         assert_eq!(decode(s).unwrap(), sha1);

@@ -316,8 +316,7 @@ impl Decoder {
 
     pub async fn bytes(&mut self) -> Result<Vec<u8>> {
         let len = self.u64().await?;
-        let len = usize::try_from(len)
-            .map_err(|_| Error::Protocol(format!("string length {len} is too large")))?;
+        let len = usize::try_from(len).map_err(|_| Error::Protocol(format!("string length {len} is too large")))?;
         let mut out = Vec::with_capacity(len.min(READ_CHUNK));
         let mut left = len;
         while left > 0 {
@@ -346,9 +345,8 @@ impl Decoder {
     /// A string that must be UTF-8 (paths, names, hashes).
     pub async fn string(&mut self) -> Result<String> {
         let b = self.bytes().await?;
-        String::from_utf8(b).map_err(|e| {
-            Error::Protocol(format!("string is not UTF-8: {:?}", String::from_utf8_lossy(e.as_bytes())))
-        })
+        String::from_utf8(b)
+            .map_err(|e| Error::Protocol(format!("string is not UTF-8: {:?}", String::from_utf8_lossy(e.as_bytes()))))
     }
 
     /// A string shown to people (log lines, error messages); invalid UTF-8 is replaced.
@@ -389,11 +387,7 @@ impl Decoder {
 }
 
 fn read_error(e: std::io::Error) -> Error {
-    if e.kind() == std::io::ErrorKind::UnexpectedEof {
-        Error::Eof
-    } else {
-        Error::Io(e)
-    }
+    if e.kind() == std::io::ErrorKind::UnexpectedEof { Error::Eof } else { Error::Io(e) }
 }
 
 /// A value with a wire decoding.

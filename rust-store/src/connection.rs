@@ -26,8 +26,8 @@
 use std::future::{Future, IntoFuture};
 use std::path::Path;
 use std::pin::Pin;
-use std::task::{Context, Poll};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::Instant;
 
 use futures::future::BoxFuture;
@@ -152,7 +152,10 @@ pub enum Body {
 }
 
 enum Message {
-    Request { request: Request, reply: Box<dyn Reply> },
+    Request {
+        request: Request,
+        reply: Box<dyn Reply>,
+    },
     /// Answered by the reader once every earlier reply has been read.
     Barrier(oneshot::Sender<Result<()>>),
 }
@@ -201,7 +204,8 @@ impl<T: Send + 'static> Reply for Typed<T> {
 
     fn complete(self: Box<Self>, outcome: Result<()>) {
         let Typed { value, to, .. } = *self;
-        let result = outcome.and_then(|()| value.ok_or_else(|| Error::Protocol("a reply completed without its value".into())));
+        let result =
+            outcome.and_then(|()| value.ok_or_else(|| Error::Protocol("a reply completed without its value".into())));
         match to {
             Delivery::Caller(tx) => {
                 let _ = tx.send(result);
@@ -222,9 +226,8 @@ impl Client {
     /// Connects to the daemon's Unix socket and runs the handshake.
     pub async fn connect(socket: impl AsRef<Path>, options: ConnectOptions) -> Result<Client> {
         let socket = socket.as_ref();
-        let stream = UnixStream::connect(socket)
-            .await
-            .map_err(|source| Error::Connect { path: socket.to_owned(), source })?;
+        let stream =
+            UnixStream::connect(socket).await.map_err(|source| Error::Connect { path: socket.to_owned(), source })?;
         Client::from_stream(stream, options).await.map_err(|e| match e {
             Error::Eof => Error::Connect {
                 path: socket.to_owned(),
@@ -257,9 +260,7 @@ impl Client {
         let (slots, slots_rx) = mpsc::channel(in_flight);
 
         let span = debug_span!("nix_daemon_connection", version = %info.version);
-        tokio::spawn(
-            writer(requests_rx, sink, slots, shared.clone(), dead_rx.clone()).instrument(span.clone()),
-        );
+        tokio::spawn(writer(requests_rx, sink, slots, shared.clone(), dead_rx.clone()).instrument(span.clone()));
         tokio::spawn(reader(decoder, slots_rx, options.logger.clone(), shared.clone(), dead_rx).instrument(span));
 
         let client = Client { inner: Arc::new(Inner { requests, ctx: decoder_ctx(&info, &options), info, shared }) };

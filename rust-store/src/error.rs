@@ -48,7 +48,9 @@ pub enum Error {
     #[error("cannot connect to the Nix daemon at '{}': {source}", path.display())]
     Connect { path: PathBuf, source: std::io::Error },
 
-    #[error("the Nix daemon speaks worker protocol {daemon}, but this client needs at least {minimum} (Nix 2.4 or newer)")]
+    #[error(
+        "the Nix daemon speaks worker protocol {daemon}, but this client needs at least {minimum} (Nix 2.4 or newer)"
+    )]
     UnsupportedDaemon { daemon: Version, minimum: Version },
 
     #[error("{op} needs worker protocol 1.{needed}, but the Nix daemon speaks {have}")]
@@ -79,7 +81,12 @@ impl Error {
     /// Whether the connection this error came from is unusable.
     pub fn is_disconnect(&self) -> bool {
         match self {
-            Error::Disconnected(_) | Error::Eof | Error::ClosedAfter(_) | Error::Closed | Error::Io(_) | Error::Protocol(_) => true,
+            Error::Disconnected(_)
+            | Error::Eof
+            | Error::ClosedAfter(_)
+            | Error::Closed
+            | Error::Io(_)
+            | Error::Protocol(_) => true,
             Error::Deferred { first, .. } => first.is_disconnect(),
             _ => false,
         }

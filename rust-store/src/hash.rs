@@ -111,10 +111,7 @@ impl Hash {
     /// A hash from its digest bytes, which must be `algo.size()` long.
     pub fn new(algo: HashAlgo, digest: &[u8]) -> Result<Hash, HashError> {
         if digest.len() != algo.size() {
-            return Err(HashError::WrongSize {
-                algo,
-                len: digest.len(),
-            });
+            return Err(HashError::WrongSize { algo, len: digest.len() });
         }
         let mut bytes = [0; MAX_SIZE];
         bytes[..digest.len()].copy_from_slice(digest);
@@ -180,16 +177,10 @@ impl Hash {
                 None => (None, s, false),
             },
         };
-        let algo = match (
-            prefix.map(str::parse::<HashAlgo>).transpose()?,
-            default_algo,
-        ) {
+        let algo = match (prefix.map(str::parse::<HashAlgo>).transpose()?, default_algo) {
             (None, None) => return Err(HashError::MissingAlgo(s.to_owned())),
             (Some(parsed), Some(expected)) if parsed != expected => {
-                return Err(HashError::AlgoMismatch {
-                    hash: s.to_owned(),
-                    expected,
-                });
+                return Err(HashError::AlgoMismatch { hash: s.to_owned(), expected });
             }
             (Some(algo), _) | (None, Some(algo)) => algo,
         };
@@ -198,9 +189,7 @@ impl Hash {
 
     /// Parses an SRI hash, `sha256-<base64>`.
     pub fn parse_sri(s: &str) -> Result<Hash, HashError> {
-        let (algo, rest) = s
-            .split_once('-')
-            .ok_or_else(|| HashError::NotSri(s.to_owned()))?;
+        let (algo, rest) = s.split_once('-').ok_or_else(|| HashError::NotSri(s.to_owned()))?;
         Self::decode(rest, algo.parse()?, true)
     }
 
@@ -212,23 +201,15 @@ impl Hash {
 
     fn decode(s: &str, algo: HashAlgo, sri: bool) -> Result<Hash, HashError> {
         let bytes = if !sri && s.len() == algo.base16_len() {
-            HEXLOWER_PERMISSIVE
-                .decode(s.as_bytes())
-                .map_err(|_| HashError::InvalidBase16(s.to_owned()))?
+            HEXLOWER_PERMISSIVE.decode(s.as_bytes()).map_err(|_| HashError::InvalidBase16(s.to_owned()))?
         } else if !sri && s.len() == base32::encoded_len(algo.size()) {
             base32::decode(s)?
         } else if sri || s.len() == algo.base64_len() {
             decode_base64_like_nix(s)
                 .filter(|bytes| bytes.len() == algo.size())
-                .ok_or_else(|| HashError::InvalidBase64 {
-                    hash: s.to_owned(),
-                    sri,
-                })?
+                .ok_or_else(|| HashError::InvalidBase64 { hash: s.to_owned(), sri })?
         } else {
-            return Err(HashError::WrongLength {
-                hash: s.to_owned(),
-                algo,
-            });
+            return Err(HashError::WrongLength { hash: s.to_owned(), algo });
         };
         Hash::new(algo, &bytes)
     }
@@ -324,10 +305,7 @@ pub struct HashSink {
 
 impl HashSink {
     pub fn new(algo: HashAlgo) -> HashSink {
-        HashSink {
-            hasher: Hasher::new(algo),
-            len: 0,
-        }
+        HashSink { hasher: Hasher::new(algo), len: 0 }
     }
 
     pub fn update(&mut self, data: &[u8]) {
@@ -378,26 +356,10 @@ mod tests {
         let cases = [
             (HashAlgo::Md5, "", "md5:d41d8cd98f00b204e9800998ecf8427e"),
             (HashAlgo::Md5, "abc", "md5:900150983cd24fb0d6963f7d28e17f72"),
-            (
-                HashAlgo::Sha1,
-                "abc",
-                "sha1:a9993e364706816aba3e25717850c26c9cd0d89d",
-            ),
-            (
-                HashAlgo::Sha1,
-                LONG1,
-                "sha1:84983e441c3bd26ebaae4aa1f95129e5e54670f1",
-            ),
-            (
-                HashAlgo::Sha256,
-                "abc",
-                "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad",
-            ),
-            (
-                HashAlgo::Sha256,
-                LONG1,
-                "sha256:248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1",
-            ),
+            (HashAlgo::Sha1, "abc", "sha1:a9993e364706816aba3e25717850c26c9cd0d89d"),
+            (HashAlgo::Sha1, LONG1, "sha1:84983e441c3bd26ebaae4aa1f95129e5e54670f1"),
+            (HashAlgo::Sha256, "abc", "sha256:ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"),
+            (HashAlgo::Sha256, LONG1, "sha256:248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1"),
             (
                 HashAlgo::Sha512,
                 "abc",
@@ -443,20 +405,11 @@ mod tests {
 
     #[test]
     fn parse_every_form() {
-        for algo in [
-            HashAlgo::Md5,
-            HashAlgo::Sha1,
-            HashAlgo::Sha256,
-            HashAlgo::Sha512,
-        ] {
+        for algo in [HashAlgo::Md5, HashAlgo::Sha1, HashAlgo::Sha256, HashAlgo::Sha512] {
             let h = Hash::digest(algo, b"parse me");
             let forms = [
                 h.to_typed_base16(),
-                h.to_typed_base16().to_uppercase().replacen(
-                    &algo.name().to_uppercase(),
-                    algo.name(),
-                    1,
-                ),
+                h.to_typed_base16().to_uppercase().replacen(&algo.name().to_uppercase(), algo.name(), 1),
                 h.to_typed_base32(),
                 format!("{algo}:{}", h.to_base64()),
                 h.to_sri(),
@@ -480,9 +433,7 @@ mod tests {
         let err = |s: &str, algo| Hash::parse_any(s, algo).unwrap_err().to_string();
 
         assert!(err(&h.to_base32(), None).contains("does not include a type"));
-        assert!(
-            err(&h.to_typed_base32(), Some(HashAlgo::Sha1)).contains("should have type 'sha1'")
-        );
+        assert!(err(&h.to_typed_base32(), Some(HashAlgo::Sha1)).contains("should have type 'sha1'"));
         assert!(err("sha3:abcd", None).contains("unknown hash algorithm 'sha3'"));
         assert!(err("sha256:abcd", None).contains("wrong length for hash algorithm 'sha256'"));
         let bad16 = format!("sha256:{}", "g".repeat(64));
@@ -496,12 +447,7 @@ mod tests {
         // SRI never takes base-16 or base-32.
         assert!(err(&format!("sha256-{}", h.to_base32()), None).contains("invalid SRI hash"));
 
-        assert!(
-            Hash::parse_sri(&h.to_typed_base16())
-                .unwrap_err()
-                .to_string()
-                .contains("is not SRI")
-        );
+        assert!(Hash::parse_sri(&h.to_typed_base16()).unwrap_err().to_string().contains("is not SRI"));
         // Bits beyond the digest in the top base-32 digit.
         let top_bits = format!("z{}", &h.to_base32()[1..]);
         assert!(Hash::parse_any(&top_bits, Some(HashAlgo::Sha256)).is_err());
@@ -518,12 +464,7 @@ mod tests {
 
     #[test]
     fn algo_names_round_trip() {
-        for algo in [
-            HashAlgo::Md5,
-            HashAlgo::Sha1,
-            HashAlgo::Sha256,
-            HashAlgo::Sha512,
-        ] {
+        for algo in [HashAlgo::Md5, HashAlgo::Sha1, HashAlgo::Sha256, HashAlgo::Sha512] {
             assert_eq!(algo.name().parse::<HashAlgo>().unwrap(), algo);
         }
         assert!("SHA256".parse::<HashAlgo>().is_err());

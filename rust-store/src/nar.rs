@@ -79,21 +79,12 @@ pub fn write_nar(entry: &NarEntry) -> Vec<u8> {
 
 fn write_node(out: &mut Vec<u8>, entry: &NarEntry) {
     match entry {
-        NarEntry::Regular {
-            executable,
-            contents,
-        } => {
+        NarEntry::Regular { executable, contents } => {
             put_regular_header(out, *executable);
             put(out, contents);
         }
         NarEntry::Symlink { target } => {
-            for token in [
-                b"(" as &[u8],
-                b"type",
-                b"symlink",
-                b"target",
-                target.as_bytes(),
-            ] {
+            for token in [b"(" as &[u8], b"type", b"symlink", b"target", target.as_bytes()] {
                 put(out, token);
             }
         }
@@ -161,10 +152,7 @@ fn dump_node(path: &Path, out: &mut impl Write, pending: &mut Vec<u8>) -> io::Re
             put(pending, token);
         }
         let mut names = fs::read_dir(path)
-            .and_then(|dir| {
-                dir.map(|entry| entry.map(|e| e.file_name()))
-                    .collect::<io::Result<Vec<_>>>()
-            })
+            .and_then(|dir| dir.map(|entry| entry.map(|e| e.file_name())).collect::<io::Result<Vec<_>>>())
             .map_err(with_path)?;
         names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
         for name in names {
@@ -176,30 +164,18 @@ fn dump_node(path: &Path, out: &mut impl Write, pending: &mut Vec<u8>) -> io::Re
         }
     } else if file_type.is_symlink() {
         let target = fs::read_link(path).map_err(with_path)?;
-        for token in [
-            b"(" as &[u8],
-            b"type",
-            b"symlink",
-            b"target",
-            target.as_os_str().as_bytes(),
-        ] {
+        for token in [b"(" as &[u8], b"type", b"symlink", b"target", target.as_os_str().as_bytes()] {
             put(pending, token);
         }
     } else {
-        return Err(with_path(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "file has an unsupported type",
-        )));
+        return Err(with_path(io::Error::new(io::ErrorKind::InvalidInput, "file has an unsupported type")));
     }
     put(pending, b")");
     Ok(())
 }
 
 fn bad(message: impl std::fmt::Display) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::InvalidData,
-        format!("bad archive: {message}"),
-    )
+    io::Error::new(io::ErrorKind::InvalidData, format!("bad archive: {message}"))
 }
 
 /// Where a [`Parser`] is in the grammar: what it expects next.
@@ -282,10 +258,7 @@ struct Parser {
 
 impl Parser {
     fn new() -> Parser {
-        Parser {
-            state: State::Magic,
-            dirs: Vec::new(),
-        }
+        Parser { state: State::Magic, dirs: Vec::new() }
     }
 
     fn need(&self) -> Need {
@@ -304,13 +277,8 @@ impl Parser {
         };
         match usize::try_from(len) {
             Ok(len) if len <= max => Ok(len),
-            _ if matches!(self.state, State::Magic) => {
-                Err(bad("input doesn't look like a Nix archive"))
-            }
-            _ => Err(bad(format!(
-                "expected {}, got a string of {len} bytes",
-                self.state.expected()
-            ))),
+            _ if matches!(self.state, State::Magic) => Err(bad("input doesn't look like a Nix archive")),
+            _ => Err(bad(format!("expected {}, got a string of {len} bytes", self.state.expected()))),
         }
     }
 
@@ -325,9 +293,7 @@ impl Parser {
             (State::Kind, b"symlink") => State::TargetTag,
             (State::Kind, b"directory") => {
                 if self.dirs.len() >= MAX_DEPTH {
-                    return Err(bad(format!(
-                        "directories are nested more than {MAX_DEPTH} deep"
-                    )));
+                    return Err(bad(format!("directories are nested more than {MAX_DEPTH} deep")));
                 }
                 self.dirs.push(None);
                 event = Some(Event::Directory);
@@ -368,11 +334,7 @@ impl Parser {
             (State::NodeTag, b"node") => State::Open,
             (State::EntryClose, b")") => State::EntryOrClose,
             (state, token) => {
-                return Err(bad(format!(
-                    "expected {}, got '{}'",
-                    state.expected(),
-                    token.escape_ascii()
-                )));
+                return Err(bad(format!("expected {}, got '{}'", state.expected(), token.escape_ascii())));
             }
         };
         Ok(event)
@@ -403,21 +365,14 @@ impl Parser {
 
     /// The state after a node's closing ")".
     fn after_node(&self) -> State {
-        if self.dirs.is_empty() {
-            State::Done
-        } else {
-            State::EntryClose
-        }
+        if self.dirs.is_empty() { State::Done } else { State::EntryClose }
     }
 }
 
 /// Reads one NAR from `r`, appending its bytes to `out`, and stops at its
 /// end. Malformed archives are `InvalidData`; a truncated one is
 /// `UnexpectedEof`. After an error, what was appended to `out` is unspecified.
-pub async fn read_nar<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    out: &mut Vec<u8>,
-) -> io::Result<()> {
+pub async fn read_nar<R: AsyncRead + Unpin + ?Sized>(r: &mut R, out: &mut Vec<u8>) -> io::Result<()> {
     let mut parser = Parser::new();
     loop {
         match parser.need() {
@@ -453,11 +408,7 @@ async fn read_len<R: AsyncRead + Unpin + ?Sized>(r: &mut R, out: &mut Vec<u8>) -
     Ok(u64::from_le_bytes(buf))
 }
 
-async fn read_padding<R: AsyncRead + Unpin + ?Sized>(
-    r: &mut R,
-    out: &mut Vec<u8>,
-    len: u64,
-) -> io::Result<()> {
+async fn read_padding<R: AsyncRead + Unpin + ?Sized>(r: &mut R, out: &mut Vec<u8>, len: u64) -> io::Result<()> {
     let mut buf = [0; 8];
     let pad = &mut buf[..padding(len).len()];
     r.read_exact(pad).await?;
@@ -496,23 +447,15 @@ pub fn parse_nar(bytes: &[u8]) -> io::Result<NarEntry> {
         }
     }
     if !input.is_empty() {
-        return Err(bad(format!(
-            "{} bytes after the end of the archive",
-            input.len()
-        )));
+        return Err(bad(format!("{} bytes after the end of the archive", input.len())));
     }
     tree.root.ok_or_else(|| bad("no root node"))
 }
 
 fn take<'a>(input: &mut &'a [u8], n: u64) -> io::Result<&'a [u8]> {
-    let split = usize::try_from(n)
-        .ok()
-        .and_then(|n| input.split_at_checked(n));
+    let split = usize::try_from(n).ok().and_then(|n| input.split_at_checked(n));
     let Some((head, rest)) = split else {
-        return Err(io::Error::new(
-            io::ErrorKind::UnexpectedEof,
-            "NAR is truncated",
-        ));
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "NAR is truncated"));
     };
     *input = rest;
     Ok(head)
@@ -548,22 +491,16 @@ impl TreeBuilder {
             Event::Directory => self.dirs.push((mem::take(&mut self.name), BTreeMap::new())),
             Event::Entry(name) => self.name = utf8(name, "file name")?,
             Event::Regular { executable } => {
-                self.leaf = Some(NarEntry::Regular {
-                    executable,
-                    contents: Vec::new(),
-                });
+                self.leaf = Some(NarEntry::Regular { executable, contents: Vec::new() });
             }
             Event::Symlink(target) => {
-                self.leaf = Some(NarEntry::Symlink {
-                    target: utf8(target, "symlink target")?,
-                });
+                self.leaf = Some(NarEntry::Symlink { target: utf8(target, "symlink target")? });
             }
             Event::End => {
                 let (name, node) = match self.leaf.take() {
                     Some(leaf) => (mem::take(&mut self.name), leaf),
                     None => {
-                        let (name, entries) =
-                            self.dirs.pop().ok_or_else(|| bad("unbalanced ')'"))?;
+                        let (name, entries) = self.dirs.pop().ok_or_else(|| bad("unbalanced ')'"))?;
                         (name, NarEntry::Directory(entries))
                     }
                 };
@@ -586,8 +523,7 @@ impl TreeBuilder {
 }
 
 fn utf8(bytes: &[u8], what: &str) -> io::Result<String> {
-    String::from_utf8(bytes.to_vec())
-        .map_err(|_| bad(format!("{what} '{}' is not UTF-8", bytes.escape_ascii())))
+    String::from_utf8(bytes.to_vec()).map_err(|_| bad(format!("{what} '{}' is not UTF-8", bytes.escape_ascii())))
 }
 
 #[cfg(test)]
@@ -608,25 +544,15 @@ mod tests {
     }
 
     fn regular(executable: bool, contents: &[u8]) -> NarEntry {
-        NarEntry::Regular {
-            executable,
-            contents: contents.to_vec(),
-        }
+        NarEntry::Regular { executable, contents: contents.to_vec() }
     }
 
     fn symlink_to(target: &str) -> NarEntry {
-        NarEntry::Symlink {
-            target: target.to_owned(),
-        }
+        NarEntry::Symlink { target: target.to_owned() }
     }
 
     fn dir<const N: usize>(entries: [(&str, NarEntry); N]) -> NarEntry {
-        NarEntry::Directory(
-            entries
-                .into_iter()
-                .map(|(n, e)| (n.to_owned(), e))
-                .collect(),
-        )
+        NarEntry::Directory(entries.into_iter().map(|(n, e)| (n.to_owned(), e)).collect())
     }
 
     /// Reads with `read_nar` from a pipe that passes at most 7 bytes at a time,
@@ -662,16 +588,10 @@ mod tests {
     fn assert_invalid(nar: &[u8], needle: &str) {
         let err = parse_nar(nar).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
-        assert!(
-            err.to_string().contains(needle),
-            "expected '{needle}' in '{err}'"
-        );
+        assert!(err.to_string().contains(needle), "expected '{needle}' in '{err}'");
         let err = read_nar_sync(nar).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::InvalidData, "{err}");
-        assert!(
-            err.to_string().contains(needle),
-            "expected '{needle}' in '{err}'"
-        );
+        assert!(err.to_string().contains(needle), "expected '{needle}' in '{err}'");
     }
 
     /// A directory under the system temp dir, removed when dropped.
@@ -679,8 +599,7 @@ mod tests {
 
     impl TempDir {
         fn new(tag: &str) -> TempDir {
-            let path =
-                std::env::temp_dir().join(format!("rust-store-nar-{tag}-{}", std::process::id()));
+            let path = std::env::temp_dir().join(format!("rust-store-nar-{tag}-{}", std::process::id()));
             let _ = fs::remove_dir_all(&path);
             fs::create_dir(&path).unwrap();
             TempDir(path)
@@ -732,10 +651,7 @@ mod tests {
         let mut sink = HashSink::new(HashAlgo::Sha256);
         dump_path(&root, &mut sink).unwrap();
         let (hash, size) = sink.finish();
-        assert_eq!(
-            hash.to_base16(),
-            "ef5ea75b2ecabd9aa3b0aa23ddd7e3c9355cf961de5662dafe779de74efbb541"
-        );
+        assert_eq!(hash.to_base16(), "ef5ea75b2ecabd9aa3b0aa23ddd7e3c9355cf961de5662dafe779de74efbb541");
         assert_eq!(size, 2016);
 
         let mut nar = Vec::new();
@@ -766,16 +682,10 @@ mod tests {
             sink.finish()
         };
         let (hash, size) = digest(&root.join("link"));
-        assert_eq!(
-            hash.to_base16(),
-            "b2d471a08d30662f14c0ae1e718b16f9fc1f38de425f47cca0437e9e93bc1f24"
-        );
+        assert_eq!(hash.to_base16(), "b2d471a08d30662f14c0ae1e718b16f9fc1f38de425f47cca0437e9e93bc1f24");
         assert_eq!(size, 120);
         let (hash, size) = digest(&root.join("exe"));
-        assert_eq!(
-            hash.to_base16(),
-            "6283c1668260f903d1a895c0cd6b822fa4b68762bb0b17cedef2d39d97e26554"
-        );
+        assert_eq!(hash.to_base16(), "6283c1668260f903d1a895c0cd6b822fa4b68762bb0b17cedef2d39d97e26554");
         assert_eq!(size, 160);
 
         let err = dump_path(&root.join("missing"), &mut Vec::new()).unwrap_err();
@@ -811,9 +721,7 @@ mod tests {
                 }
                 1 => symlink_to(&"../x".repeat(next(4) as usize)),
                 _ => NarEntry::Directory(
-                    (0..next(5))
-                        .map(|_| (NAMES[next(8) as usize].to_owned(), tree(next, depth - 1)))
-                        .collect(),
+                    (0..next(5)).map(|_| (NAMES[next(8) as usize].to_owned(), tree(next, depth - 1))).collect(),
                 ),
             }
         }
@@ -850,31 +758,16 @@ mod tests {
         };
         assert!(parse_nar(&with_entries(&[b"a", b"b"])).is_ok());
 
-        assert_invalid(
-            &tokens(&[b"nix-archive-2"]),
-            "doesn't look like a Nix archive",
-        );
-        assert_invalid(
-            &tokens(&[b"nix-archive-1-and-more"]),
-            "doesn't look like a Nix archive",
-        );
+        assert_invalid(&tokens(&[b"nix-archive-2"]), "doesn't look like a Nix archive");
+        assert_invalid(&tokens(&[b"nix-archive-1-and-more"]), "doesn't look like a Nix archive");
         assert_invalid(
             &tokens(&[m, b"(", b"type", b"fifo", b")"]),
             "expected 'regular', 'symlink' or 'directory', got 'fifo'",
         );
         assert_invalid(&tokens(&[m, b"[", b"type"]), "expected '(', got '['");
-        assert_invalid(
-            &tokens(&[m, b"(", b"type", b"regular", b")"]),
-            "expected 'executable' or 'contents'",
-        );
-        assert_invalid(
-            &tokens(&[m, b"(", b"type", b"regular", b"executable", b"1"]),
-            "expected '', got '1'",
-        );
-        assert_invalid(
-            &tokens(&[m, b"(", b"type", b"symlink", b"target", b"x", b"extra"]),
-            "expected ')'",
-        );
+        assert_invalid(&tokens(&[m, b"(", b"type", b"regular", b")"]), "expected 'executable' or 'contents'");
+        assert_invalid(&tokens(&[m, b"(", b"type", b"regular", b"executable", b"1"]), "expected '', got '1'");
+        assert_invalid(&tokens(&[m, b"(", b"type", b"symlink", b"target", b"x", b"extra"]), "expected ')'");
         assert_invalid(&with_entries(&[b"b", b"a"]), "not sorted: 'a' after 'b'");
         assert_invalid(&with_entries(&[b"a", b"a"]), "not sorted: 'a' after 'a'");
         assert_invalid(&with_entries(&[b"B", b"a", b"A"]), "not sorted");
@@ -914,16 +807,7 @@ mod tests {
         let nested = |depth: usize| {
             let mut t: Vec<&[u8]> = vec![MAGIC];
             for _ in 0..depth {
-                t.extend([
-                    b"(" as &[u8],
-                    b"type",
-                    b"directory",
-                    b"entry",
-                    b"(",
-                    b"name",
-                    b"d",
-                    b"node",
-                ]);
+                t.extend([b"(" as &[u8], b"type", b"directory", b"entry", b"(", b"name", b"d", b"node"]);
             }
             t.extend([b"(" as &[u8], b"type", b"regular", b"contents", b"", b")"]);
             for _ in 0..depth {
@@ -937,10 +821,7 @@ mod tests {
 
     #[test]
     fn truncation_and_huge_lengths() {
-        let nar = write_nar(&dir([
-            ("a", regular(true, b"contents")),
-            ("b", symlink_to("a")),
-        ]));
+        let nar = write_nar(&dir([("a", regular(true, b"contents")), ("b", symlink_to("a"))]));
         for len in 0..nar.len() {
             let err = read_nar_sync(&nar[..len]).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof, "{len}: {err}");
@@ -953,10 +834,7 @@ mod tests {
         huge.extend_from_slice(b"only this");
         let err = read_nar_sync(&huge).unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
-        assert_eq!(
-            parse_nar(&huge).unwrap_err().kind(),
-            io::ErrorKind::UnexpectedEof
-        );
+        assert_eq!(parse_nar(&huge).unwrap_err().kind(), io::ErrorKind::UnexpectedEof);
         // So does a name claiming u64::MAX bytes.
         let mut huge = tokens(&[MAGIC, b"(", b"type", b"directory", b"entry", b"(", b"name"]);
         huge.extend_from_slice(&u64::MAX.to_le_bytes());
@@ -968,10 +846,6 @@ mod tests {
         let nar = tokens(&[MAGIC, b"(", b"type", b"symlink", b"target", b"\xff", b")"]);
         assert_eq!(read_nar_chunked(&nar, b"").await.unwrap(), nar);
         let err = parse_nar(&nar).unwrap_err();
-        assert!(
-            err.to_string()
-                .contains("symlink target '\\xff' is not UTF-8"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("symlink target '\\xff' is not UTF-8"), "{err}");
     }
 }

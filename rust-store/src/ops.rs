@@ -248,7 +248,12 @@ impl Client {
     }
 
     /// The obsolete text add (superseded by AddToStore in 1.25, still served).
-    pub fn add_text_to_store(&self, name: &str, contents: &[u8], references: &BTreeSet<StorePath>) -> Call<'_, StorePath> {
+    pub fn add_text_to_store(
+        &self,
+        name: &str,
+        contents: &[u8],
+        references: &BTreeSet<StorePath>,
+    ) -> Call<'_, StorePath> {
         self.call(Op::AddTextToStore, Some(name.to_owned()), |e| {
             e.str(name).bytes(contents).put(references);
         })
@@ -256,7 +261,13 @@ impl Client {
 
     /// Adds a path with its info and NAR; from an untrusted client the daemon checks
     /// signatures or the content address.
-    pub fn add_to_store_nar(&self, info: &ValidPathInfo, repair: bool, dont_check_sigs: bool, nar: Body) -> Call<'_, ()> {
+    pub fn add_to_store_nar(
+        &self,
+        info: &ValidPathInfo,
+        repair: bool,
+        dont_check_sigs: bool,
+        nar: Body,
+    ) -> Call<'_, ()> {
         self.call_with(Op::AddToStoreNar, self.subject(&info.path), nothing, |e| {
             e.put(info).bool(repair).bool(dont_check_sigs);
         })
@@ -308,7 +319,12 @@ impl Client {
         })
     }
 
-    pub fn build_derivation(&self, drv_path: &StorePath, drv: &BasicDerivation, mode: BuildMode) -> Call<'_, BuildResult> {
+    pub fn build_derivation(
+        &self,
+        drv_path: &StorePath,
+        drv: &BasicDerivation,
+        mode: BuildMode,
+    ) -> Call<'_, BuildResult> {
         self.call(Op::BuildDerivation, self.subject(drv_path), |e| {
             e.path(drv_path).put(drv).put(&mode);
         })

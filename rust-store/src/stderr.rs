@@ -53,7 +53,9 @@ pub(crate) async fn read_envelope(d: &mut Decoder, logger: &dyn Logger) -> Resul
             STDERR_READ => {
                 // Only ImportPaths and AddToStoreNar before 1.23 ask for data; this client
                 // sends neither, and answering would break the pipeline.
-                return Err(Error::Protocol("the daemon asked for data (STDERR_READ), which this client never offers".into()));
+                return Err(Error::Protocol(
+                    "the daemon asked for data (STDERR_READ), which this client never offers".into(),
+                ));
             }
             other => return Err(Error::Protocol(format!("unknown message type {other:#x} in a reply"))),
         }

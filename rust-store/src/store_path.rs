@@ -44,12 +44,7 @@ pub enum PathError {
 /// bytes of `[0-9a-zA-Z+-._?=]`, and neither "." nor ".." nor starting
 /// with ".-" or "..-".
 pub fn check_name(name: &str) -> Result<(), PathError> {
-    let invalid = |reason: String| {
-        Err(PathError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let invalid = |reason: String| Err(PathError::InvalidName { name: name.to_owned(), reason });
     if name.is_empty() {
         return invalid("it is empty".into());
     }
@@ -58,16 +53,11 @@ pub fn check_name(name: &str) -> Result<(), PathError> {
     }
     let first_component = name.split('-').next().unwrap_or(name);
     if first_component == "." || first_component == ".." {
-        return invalid(format!(
-            "its first dash-separated component is '{first_component}'"
-        ));
+        return invalid(format!("its first dash-separated component is '{first_component}'"));
     }
     let allowed = |c: char| c.is_ascii_alphanumeric() || "+-._?=".contains(c);
     match name.chars().find(|&c| !allowed(c)) {
-        Some(c) => invalid(format!(
-            "it contains illegal character '{}'",
-            c.escape_default()
-        )),
+        Some(c) => invalid(format!("it contains illegal character '{}'", c.escape_default())),
         None => Ok(()),
     }
 }
@@ -93,10 +83,7 @@ impl StoreDir {
             Some("it ends with '/'")
         } else if dir.contains('\0') {
             Some("it contains a NUL byte")
-        } else if dir[1..]
-            .split('/')
-            .any(|c| c.is_empty() || c == "." || c == "..")
-        {
+        } else if dir[1..].split('/').any(|c| c.is_empty() || c == "." || c == "..") {
             Some("it is not canonical")
         } else {
             None
@@ -130,28 +117,18 @@ impl StoreDir {
     /// Whether `path` is strictly below this directory (like Nix's `isInStore`,
     /// it need not be a store path itself).
     pub fn is_in_store(&self, path: &str) -> bool {
-        path.strip_prefix(self.0.as_str())
-            .and_then(|rest| rest.strip_prefix('/'))
-            .is_some_and(|rest| !rest.is_empty())
+        path.strip_prefix(self.0.as_str()).and_then(|rest| rest.strip_prefix('/')).is_some_and(|rest| !rest.is_empty())
     }
 
     /// Nix's `makeStorePath`: the path named `name` whose hash part is the
     /// SHA-256 of `<ty>:<algo>:<base16 hash>:<store dir>:<name>` folded to 20 bytes.
-    pub fn make_store_path(
-        &self,
-        ty: &str,
-        hash: &Hash,
-        name: &str,
-    ) -> Result<StorePath, PathError> {
+    pub fn make_store_path(&self, ty: &str, hash: &Hash, name: &str) -> Result<StorePath, PathError> {
         check_name(name)?;
         let fingerprint = format!("{ty}:{}:{}:{name}", hash.to_typed_base16(), self.0);
         let digest = Hash::digest(HashAlgo::Sha256, fingerprint.as_bytes());
         let mut bytes = [0; 20];
         bytes.copy_from_slice(&compress_hash(digest.as_bytes(), 20));
-        Ok(StorePath {
-            hash: bytes,
-            name: name.to_owned(),
-        })
+        Ok(StorePath { hash: bytes, name: name.to_owned() })
     }
 
     /// Nix's `makeType`: the type followed by each reference's full path and,
@@ -208,21 +185,13 @@ impl StoreDir {
         match method {
             ContentAddressMethod::Text if self_ref => Err(PathError::TextSelfReference),
             ContentAddressMethod::Text => self.make_text_path(name, hash, references),
-            ContentAddressMethod::Git if hash.algo() != HashAlgo::Sha1 => {
-                Err(PathError::GitHashAlgo(hash.algo()))
-            }
+            ContentAddressMethod::Git if hash.algo() != HashAlgo::Sha1 => Err(PathError::GitHashAlgo(hash.algo())),
             ContentAddressMethod::Nar if hash.algo() == HashAlgo::Sha256 => {
                 self.make_store_path(&self.make_type("source", references, self_ref), hash, name)
             }
-            _ if self_ref || !references.is_empty() => {
-                Err(PathError::FixedOutputReferences(name.to_owned()))
-            }
+            _ if self_ref || !references.is_empty() => Err(PathError::FixedOutputReferences(name.to_owned())),
             _ => {
-                let payload = format!(
-                    "fixed:out:{}{}:",
-                    method.ingestion_prefix(),
-                    hash.to_typed_base16()
-                );
+                let payload = format!("fixed:out:{}{}:", method.ingestion_prefix(), hash.to_typed_base16());
                 let digest = Hash::digest(HashAlgo::Sha256, payload.as_bytes());
                 self.make_store_path("output:out", &digest, name)
             }
@@ -260,37 +229,24 @@ impl StorePath {
 
     /// Parses a base name; errors name `shown`, the string the caller gave.
     fn parse_base_name(base: &str, shown: &str) -> Result<StorePath, PathError> {
-        let invalid = |reason: String| PathError::InvalidPath {
-            path: shown.to_owned(),
-            reason,
-        };
+        let invalid = |reason: String| PathError::InvalidPath { path: shown.to_owned(), reason };
         if base.len() <= HASH_PART_LEN {
             return Err(invalid("it is too short".into()));
         }
         let (hash_part, name) = base
             .split_at_checked(HASH_PART_LEN)
             .ok_or_else(|| invalid("its hash part contains a non-ASCII character".into()))?;
-        let name = name
-            .strip_prefix('-')
-            .ok_or_else(|| invalid("its hash part is not followed by '-'".into()))?;
+        let name = name.strip_prefix('-').ok_or_else(|| invalid("its hash part is not followed by '-'".into()))?;
         let bytes = base32::decode(hash_part).map_err(|e| invalid(e.to_string()))?;
-        let hash = bytes
-            .try_into()
-            .map_err(|_| invalid("its hash part is not 20 bytes".into()))?;
+        let hash = bytes.try_into().map_err(|_| invalid("its hash part is not 20 bytes".into()))?;
         check_name(name).map_err(|e| invalid(e.to_string()))?;
-        Ok(StorePath {
-            hash,
-            name: name.to_owned(),
-        })
+        Ok(StorePath { hash, name: name.to_owned() })
     }
 
     /// A store path from its parts; the name must pass [`check_name`].
     pub fn from_parts(hash: [u8; 20], name: &str) -> Result<StorePath, PathError> {
         check_name(name)?;
-        Ok(StorePath {
-            hash,
-            name: name.to_owned(),
-        })
+        Ok(StorePath { hash, name: name.to_owned() })
     }
 
     /// The 32-character base-32 hash part.
@@ -318,11 +274,7 @@ impl Ord for StorePath {
     /// first, in an alphabet in ASCII order; 32 digits hold exactly its 160
     /// bits, so comparing hash parts is comparing the bytes from the last.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.hash
-            .iter()
-            .rev()
-            .cmp(other.hash.iter().rev())
-            .then_with(|| self.name.cmp(&other.name))
+        self.hash.iter().rev().cmp(other.hash.iter().rev()).then_with(|| self.name.cmp(&other.name))
     }
 }
 
@@ -390,13 +342,9 @@ impl ContentAddressMethod {
     /// Splits "text:…", "fixed:…", "fixed:r:…" or "fixed:git:…" into the
     /// method and what follows it.
     fn parse_prefix(s: &str) -> Result<(ContentAddressMethod, &str), PathError> {
-        let invalid = |reason: String| PathError::InvalidContentAddress {
-            ca: s.to_owned(),
-            reason,
-        };
-        let (prefix, rest) = s
-            .split_once(':')
-            .ok_or_else(|| invalid("it is not of the form '<prefix>:<rest>'".into()))?;
+        let invalid = |reason: String| PathError::InvalidContentAddress { ca: s.to_owned(), reason };
+        let (prefix, rest) =
+            s.split_once(':').ok_or_else(|| invalid("it is not of the form '<prefix>:<rest>'".into()))?;
         match prefix {
             "text" => Ok((ContentAddressMethod::Text, rest)),
             "fixed" => Ok(if let Some(rest) = rest.strip_prefix("r:") {
@@ -406,9 +354,7 @@ impl ContentAddressMethod {
             } else {
                 (ContentAddressMethod::Flat, rest)
             }),
-            _ => Err(invalid(format!(
-                "prefix '{prefix}' is unrecognized; recognized prefixes are 'text' and 'fixed'"
-            ))),
+            _ => Err(invalid(format!("prefix '{prefix}' is unrecognized; recognized prefixes are 'text' and 'fixed'"))),
         }
     }
 }
@@ -423,22 +369,16 @@ pub struct ContentAddress {
 impl ContentAddress {
     /// Nix's rendering, e.g. `fixed:r:sha256:<base32>` or `text:sha256:<base32>`.
     pub fn render(&self) -> String {
-        format!(
-            "{}{}",
-            self.method.render_prefix(),
-            self.hash.to_typed_base32()
-        )
+        format!("{}{}", self.method.render_prefix(), self.hash.to_typed_base32())
     }
 
     /// Parses a content address; the hash may be base-16, base-32 or base-64.
     pub fn parse(s: &str) -> Result<ContentAddress, PathError> {
         let (method, rest) = ContentAddressMethod::parse_prefix(s)?;
-        let (algo, hash) =
-            rest.split_once(':')
-                .ok_or_else(|| PathError::InvalidContentAddress {
-                    ca: s.to_owned(),
-                    reason: "its hash is not of the form '<algo>:<hash>'".into(),
-                })?;
+        let (algo, hash) = rest.split_once(':').ok_or_else(|| PathError::InvalidContentAddress {
+            ca: s.to_owned(),
+            reason: "its hash is not of the form '<algo>:<hash>'".into(),
+        })?;
         let hash = Hash::parse_unprefixed(hash, algo.parse()?)?;
         Ok(ContentAddress { method, hash })
     }
@@ -462,9 +402,7 @@ mod tests {
     #[test]
     fn names_like_nix() {
         let dir = StoreDir::default();
-        for bad in [
-            "", "&*()", "**", "*,foo", "foo,*", "foo!o", ".", "..", "..-1", ".-1", "..-a", ".-a",
-        ] {
+        for bad in ["", "&*()", "**", "*,foo", "foo,*", "foo!o", ".", "..", "..-1", ".-1", "..-a", ".-a"] {
             let path = format!("/nix/store/{HASH_PART}-{bad}");
             let err = dir.parse(&path).unwrap_err().to_string();
             assert!(err.contains(&path), "{err}");
@@ -486,9 +424,7 @@ mod tests {
             "...-",
             "...",
         ] {
-            let path = dir
-                .parse(&format!("/nix/store/{HASH_PART}-{good}"))
-                .unwrap();
+            let path = dir.parse(&format!("/nix/store/{HASH_PART}-{good}")).unwrap();
             assert_eq!(path.name(), good);
             assert_eq!(path.hash_part(), HASH_PART);
         }
@@ -496,10 +432,7 @@ mod tests {
         let err = check_name(&"a".repeat(212)).unwrap_err().to_string();
         assert!(err.contains("longer than 211"), "{err}");
         let err = check_name("foo bar").unwrap_err().to_string();
-        assert_eq!(
-            err,
-            "store path name 'foo bar' is not valid: it contains illegal character ' '"
-        );
+        assert_eq!(err, "store path name 'foo bar' is not valid: it contains illegal character ' '");
         assert!(check_name("caf\u{e9}").is_err());
     }
 
@@ -513,41 +446,20 @@ mod tests {
         assert_eq!(format!("{path:?}"), path.to_string());
         assert!(path.is_derivation());
         assert_eq!(StorePath::from_base_name(&path.to_string()).unwrap(), path);
-        assert_eq!(
-            StorePath::from_parts(*path.hash_bytes(), "foo.drv").unwrap(),
-            path
-        );
+        assert_eq!(StorePath::from_parts(*path.hash_bytes(), "foo.drv").unwrap(), path);
         assert!(StorePath::from_parts(*path.hash_bytes(), "a/b").is_err());
 
         for (bad, needle) in [
             ("/nix/store", "not in the Nix store"),
             ("/nix/store/", "too short"),
-            (
-                "/nix/storevxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo",
-                "not in the Nix store",
-            ),
-            (
-                "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo/bin",
-                "not in the Nix store",
-            ),
+            ("/nix/storevxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo", "not in the Nix store"),
+            ("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo/bin", "not in the Nix store"),
             ("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-", "is empty"),
             ("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0", "too short"),
-            (
-                "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0_foo",
-                "not followed by '-'",
-            ),
-            (
-                "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2awe-foo",
-                "invalid character 'e'",
-            ),
-            (
-                "/nix/store/VXJIWKJKN7X4079QVH1JKL5PN05J2AW0-foo",
-                "invalid character 'V'",
-            ),
-            (
-                "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2a\u{e9}-foo",
-                "is not a valid store path",
-            ),
+            ("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0_foo", "not followed by '-'"),
+            ("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2awe-foo", "invalid character 'e'"),
+            ("/nix/store/VXJIWKJKN7X4079QVH1JKL5PN05J2AW0-foo", "invalid character 'V'"),
+            ("/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2a\u{e9}-foo", "is not a valid store path"),
         ] {
             let err = dir.parse(bad).unwrap_err().to_string();
             assert!(err.contains(bad) && err.contains(needle), "{bad}: {err}");
@@ -562,16 +474,7 @@ mod tests {
     fn store_dirs() {
         assert_eq!(StoreDir::new("/foo/bar").unwrap().as_str(), "/foo/bar");
         assert_eq!(StoreDir::default().as_str(), "/nix/store");
-        for bad in [
-            "",
-            "nix/store",
-            "/",
-            "/nix/store/",
-            "/nix//store",
-            "/nix/./store",
-            "/nix/../store",
-            "/a\0b",
-        ] {
+        for bad in ["", "nix/store", "/", "/nix/store/", "/nix//store", "/nix/./store", "/nix/../store", "/a\0b"] {
             let err = StoreDir::new(bad).unwrap_err().to_string();
             assert!(err.contains("store directory"), "{bad:?}: {err}");
         }
@@ -610,82 +513,36 @@ mod tests {
         let dir = StoreDir::default();
         let none = BTreeSet::new();
         let abc = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        let fixed = |method, hash: &Hash| {
-            dir.make_fixed_output_path("foo", method, hash, &none, false)
-                .unwrap()
-                .to_string()
-        };
-        assert_eq!(
-            fixed(ContentAddressMethod::Flat, &sha256(abc)),
-            "p8hd84z8vx40y3q2l1mmbfd9y23h7g1a-foo"
-        );
-        assert_eq!(
-            fixed(ContentAddressMethod::Nar, &sha256(abc)),
-            "8nz4xrxpk6mgia8bb9jxncpcikkm2xxv-foo"
-        );
+        let fixed =
+            |method, hash: &Hash| dir.make_fixed_output_path("foo", method, hash, &none, false).unwrap().to_string();
+        assert_eq!(fixed(ContentAddressMethod::Flat, &sha256(abc)), "p8hd84z8vx40y3q2l1mmbfd9y23h7g1a-foo");
+        assert_eq!(fixed(ContentAddressMethod::Nar, &sha256(abc)), "8nz4xrxpk6mgia8bb9jxncpcikkm2xxv-foo");
         let sha1 = Hash::digest(HashAlgo::Sha1, b"abc");
-        assert_eq!(
-            fixed(ContentAddressMethod::Nar, &sha1),
-            "vpvld71qx55l3i2gdawdlqipjs7gfw6r-foo"
-        );
+        assert_eq!(fixed(ContentAddressMethod::Nar, &sha1), "vpvld71qx55l3i2gdawdlqipjs7gfw6r-foo");
         let md5 = Hash::digest(HashAlgo::Md5, b"abc");
-        assert_eq!(
-            fixed(ContentAddressMethod::Flat, &md5),
-            "5cn55ilvxjp5a3wc5s9v6jxk3syc5v0m-foo"
-        );
+        assert_eq!(fixed(ContentAddressMethod::Flat, &md5), "5cn55ilvxjp5a3wc5s9v6jxk3syc5v0m-foo");
         let sha512 = Hash::digest(HashAlgo::Sha512, b"abc");
-        assert_eq!(
-            fixed(ContentAddressMethod::Flat, &sha512),
-            "4rc5l3lrid1k7j821yy8sr6kx2ha6sjs-foo"
-        );
+        assert_eq!(fixed(ContentAddressMethod::Flat, &sha512), "4rc5l3lrid1k7j821yy8sr6kx2ha6sjs-foo");
 
         let other = StoreDir::new("/foo/bar").unwrap();
-        let path = other.make_fixed_output_path(
-            "foo",
-            ContentAddressMethod::Nar,
-            &sha256(abc),
-            &none,
-            false,
-        );
-        assert_eq!(
-            other.print(&path.unwrap()),
-            "/foo/bar/d2d241s992kg11r4923lpp27zmaisdaf-foo"
-        );
+        let path = other.make_fixed_output_path("foo", ContentAddressMethod::Nar, &sha256(abc), &none, false);
+        assert_eq!(other.print(&path.unwrap()), "/foo/bar/d2d241s992kg11r4923lpp27zmaisdaf-foo");
 
         // The Git blob hash of "hello\n".
         let git = Hash::parse_any("sha1:ce013625030ba8dba906f756967f9e9ca394464a", None).unwrap();
-        let path =
-            dir.make_fixed_output_path("hello.txt", ContentAddressMethod::Git, &git, &none, false);
-        assert_eq!(
-            path.unwrap().to_string(),
-            "rk1ijlrs1r2baksyhs884xqb0afsc830-hello.txt"
-        );
+        let path = dir.make_fixed_output_path("hello.txt", ContentAddressMethod::Git, &git, &none, false);
+        assert_eq!(path.unwrap().to_string(), "rk1ijlrs1r2baksyhs884xqb0afsc830-hello.txt");
     }
 
     #[test]
     fn text_paths() {
         let dir = StoreDir::default();
         let none = BTreeSet::new();
-        let text = |name, contents: &str, refs| {
-            dir.compute_text_path(name, contents.as_bytes(), refs)
-                .unwrap()
-        };
-        assert_eq!(
-            dir.print(&text("foo", "bar", &none)),
-            "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo"
-        );
-        assert_eq!(
-            dir.print(&text("baz", "hello", &none)),
-            "/nix/store/lch6ll8cr7y7aq6f7ljyi5p01l6wpcx1-baz"
-        );
-        assert_eq!(
-            text("x.drv", "", &none).to_string(),
-            "mmm9bhchl8y3rnfvk02d2pnnsxjf87jn-x.drv"
-        );
-        assert_eq!(
-            text("hello.txt", "hello\n", &none).to_string(),
-            "qa1w9gdfrba6jl2r57mb3c43863gqywp-hello.txt"
-        );
+        let text = |name, contents: &str, refs| dir.compute_text_path(name, contents.as_bytes(), refs).unwrap();
+        assert_eq!(dir.print(&text("foo", "bar", &none)), "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo");
+        assert_eq!(dir.print(&text("baz", "hello", &none)), "/nix/store/lch6ll8cr7y7aq6f7ljyi5p01l6wpcx1-baz");
+        assert_eq!(text("x.drv", "", &none).to_string(), "mmm9bhchl8y3rnfvk02d2pnnsxjf87jn-x.drv");
+        assert_eq!(text("hello.txt", "hello\n", &none).to_string(), "qa1w9gdfrba6jl2r57mb3c43863gqywp-hello.txt");
         let other = StoreDir::new("/foo/bar").unwrap();
         let path = other.compute_text_path("foo", b"bar", &none).unwrap();
         assert_eq!(path.to_string(), "22hzlp8niqxmxh35cpknwb5avv5hwsdw-foo");
@@ -693,15 +550,8 @@ mod tests {
         // builtins.toFile "withrefs" "${baz} ${foo}": references sorted by name.
         let baz = "/nix/store/lch6ll8cr7y7aq6f7ljyi5p01l6wpcx1-baz";
         let foo = "/nix/store/vxjiwkjkn7x4079qvh1jkl5pn05j2aw0-foo";
-        let with_refs = text(
-            "withrefs",
-            &format!("{baz} {foo}"),
-            &refs(&dir, &[foo, baz]),
-        );
-        assert_eq!(
-            with_refs.to_string(),
-            "z1c03mf7siwgrkyky2rq4p8cidp7wkln-withrefs"
-        );
+        let with_refs = text("withrefs", &format!("{baz} {foo}"), &refs(&dir, &[foo, baz]));
+        assert_eq!(with_refs.to_string(), "z1c03mf7siwgrkyky2rq4p8cidp7wkln-withrefs");
     }
 
     /// A store with directory /tmp/paths-exp/s/store in which Nix 2.26.3's
@@ -713,10 +563,7 @@ mod tests {
         let none = BTreeSet::new();
         let from_ca = |name, ca: &str, refs: &BTreeSet<StorePath>, self_ref| {
             let ca = ContentAddress::parse(ca).unwrap();
-            dir.print(
-                &dir.make_fixed_output_path_from_ca(name, &ca, refs, self_ref)
-                    .unwrap(),
-            )
+            dir.print(&dir.make_fixed_output_path_from_ca(name, &ca, refs, self_ref).unwrap())
         };
         let text_dep = "text:sha256:0njri53nkmgsfdf3cnzkd3yydpyakm4vvcs5j8dky6iyjz2l9zsy";
         assert_eq!(
@@ -741,35 +588,19 @@ mod tests {
         let sha1 = Hash::digest(HashAlgo::Sha1, b"x");
         let sha256 = Hash::digest(HashAlgo::Sha256, b"x");
         let fixed = |method, hash, refs, self_ref| {
-            dir.make_fixed_output_path("x", method, hash, refs, self_ref)
-                .unwrap_err()
-                .to_string()
+            dir.make_fixed_output_path("x", method, hash, refs, self_ref).unwrap_err().to_string()
         };
         assert!(fixed(ContentAddressMethod::Text, &sha256, &none, true).contains("self-reference"));
         assert!(fixed(ContentAddressMethod::Text, &sha1, &none, false).contains("SHA-256"));
         assert!(fixed(ContentAddressMethod::Git, &sha256, &none, false).contains("SHA-1"));
-        assert!(
-            fixed(ContentAddressMethod::Flat, &sha256, &one, false)
-                .contains("not allowed to refer")
-        );
-        assert!(
-            fixed(ContentAddressMethod::Flat, &sha256, &none, true)
-                .contains("not allowed to refer")
-        );
-        assert!(
-            fixed(ContentAddressMethod::Nar, &sha1, &one, false).contains("not allowed to refer")
-        );
+        assert!(fixed(ContentAddressMethod::Flat, &sha256, &one, false).contains("not allowed to refer"));
+        assert!(fixed(ContentAddressMethod::Flat, &sha256, &none, true).contains("not allowed to refer"));
+        assert!(fixed(ContentAddressMethod::Nar, &sha1, &one, false).contains("not allowed to refer"));
         assert!(dir.make_text_path("x", &sha1, &none).is_err());
         assert!(dir.make_store_path("source", &sha256, "bad/name").is_err());
         // Allowed: references in text and SHA-256 NAR paths.
-        assert!(
-            dir.make_fixed_output_path("x", ContentAddressMethod::Text, &sha256, &one, false)
-                .is_ok()
-        );
-        assert!(
-            dir.make_fixed_output_path("x", ContentAddressMethod::Nar, &sha256, &one, true)
-                .is_ok()
-        );
+        assert!(dir.make_fixed_output_path("x", ContentAddressMethod::Text, &sha256, &one, false).is_ok());
+        assert!(dir.make_fixed_output_path("x", ContentAddressMethod::Nar, &sha256, &one, true).is_ok());
     }
 
     #[test]
@@ -782,10 +613,7 @@ mod tests {
             (ContentAddressMethod::Nar, format!("fixed:r:sha256:{b32}")),
             (ContentAddressMethod::Git, format!("fixed:git:sha256:{b32}")),
         ] {
-            let ca = ContentAddress {
-                method,
-                hash: h.clone(),
-            };
+            let ca = ContentAddress { method, hash: h.clone() };
             assert_eq!(ca.render(), rendered);
             assert_eq!(ContentAddress::parse(&rendered).unwrap(), ca);
         }
@@ -812,28 +640,15 @@ mod tests {
     fn methods_with_algo() {
         for (method, algo, s) in [
             (ContentAddressMethod::Text, HashAlgo::Sha256, "text:sha256"),
-            (
-                ContentAddressMethod::Nar,
-                HashAlgo::Sha256,
-                "fixed:r:sha256",
-            ),
+            (ContentAddressMethod::Nar, HashAlgo::Sha256, "fixed:r:sha256"),
             (ContentAddressMethod::Flat, HashAlgo::Sha256, "fixed:sha256"),
             (ContentAddressMethod::Git, HashAlgo::Sha1, "fixed:git:sha1"),
             (ContentAddressMethod::Flat, HashAlgo::Md5, "fixed:md5"),
         ] {
             assert_eq!(method.render_with_algo(algo), s);
-            assert_eq!(
-                ContentAddressMethod::parse_with_algo(s).unwrap(),
-                (method, algo)
-            );
+            assert_eq!(ContentAddressMethod::parse_with_algo(s).unwrap(), (method, algo));
         }
-        for bad in [
-            "text",
-            "fixed:r",
-            "fixed:r:sha256:x",
-            "flat:sha256",
-            "fixed:git:",
-        ] {
+        for bad in ["text", "fixed:r", "fixed:r:sha256:x", "flat:sha256", "fixed:git:"] {
             assert!(ContentAddressMethod::parse_with_algo(bad).is_err(), "{bad}");
         }
     }

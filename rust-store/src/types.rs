@@ -260,9 +260,8 @@ pub struct DrvOutput {
 
 impl DrvOutput {
     pub fn parse(s: &str) -> Result<DrvOutput> {
-        let (h, name) = s
-            .split_once('!')
-            .ok_or_else(|| Error::InvalidRequest(format!("invalid derivation output id '{s}'")))?;
+        let (h, name) =
+            s.split_once('!').ok_or_else(|| Error::InvalidRequest(format!("invalid derivation output id '{s}'")))?;
         let drv_hash = Hash::parse_any(h, None)
             .map_err(|e| Error::InvalidRequest(format!("invalid derivation output id '{s}': {e}")))?;
         Ok(DrvOutput { drv_hash, output_name: name.to_owned() })
@@ -309,10 +308,7 @@ impl Realisation {
         m.insert("dependentRealisations".into(), Value::Object(deps));
         m.insert("id".into(), Value::String(self.id.to_string()));
         m.insert("outPath".into(), Value::String(self.out_path.to_string()));
-        m.insert(
-            "signatures".into(),
-            Value::Array(self.signatures.iter().cloned().map(Value::String).collect()),
-        );
+        m.insert("signatures".into(), Value::Array(self.signatures.iter().cloned().map(Value::String).collect()));
         Value::Object(m).to_string()
     }
 
@@ -320,7 +316,8 @@ impl Realisation {
         use serde_json::Value;
         let bad = |what: &str| Error::Protocol(format!("realisation {s}: {what}"));
         let v: Value = serde_json::from_str(s).map_err(|e| bad(&e.to_string()))?;
-        let field = |name: &str| v.get(name).and_then(Value::as_str).ok_or_else(|| bad(&format!("missing field {name}")));
+        let field =
+            |name: &str| v.get(name).and_then(Value::as_str).ok_or_else(|| bad(&format!("missing field {name}")));
         let id = DrvOutput::parse(field("id")?).map_err(|e| bad(&e.to_string()))?;
         let out_path = StorePath::from_base_name(field("outPath")?).map_err(|e| bad(&e.to_string()))?;
         let mut signatures = BTreeSet::new();
@@ -424,8 +421,7 @@ impl Encode for BuildResult {
             put_opt_micros(e, self.cpu_system);
         }
         if e.version().at_least(28) {
-            let by_id: BTreeMap<&DrvOutput, &Realisation> =
-                self.built_outputs.values().map(|r| (&r.id, r)).collect();
+            let by_id: BTreeMap<&DrvOutput, &Realisation> = self.built_outputs.values().map(|r| (&r.id, r)).collect();
             e.put(&by_id);
         }
     }

@@ -6,11 +6,11 @@
 
 use std::collections::BTreeSet;
 
+use rust_store::StoreDir;
 use rust_store::codec::{Ctx, Decode, Decoder, Encode, Encoder, Version};
 use rust_store::hash::{Hash, HashAlgo};
 use rust_store::store_path::{ContentAddress, StorePath};
 use rust_store::types::*;
-use rust_store::StoreDir;
 use store_tests::nix_source;
 
 fn fixture(name: &str) -> Vec<u8> {
@@ -89,7 +89,9 @@ async fn drv_outputs_and_realisations() {
 
 #[tokio::test]
 async fn build_results() {
-    for (name, minor) in [("build-result-1.27", 27), ("build-result-1.28", 28), ("build-result-1.29", 29), ("build-result-1.37", 37)] {
+    for (name, minor) in
+        [("build-result-1.27", 27), ("build-result-1.28", 28), ("build-result-1.29", 29), ("build-result-1.37", 37)]
+    {
         let v: Vec<BuildResult> = roundtrip(name, minor, 3).await;
         assert_eq!(v[0].status, BuildStatus::OUTPUT_REJECTED, "{name}");
         assert_eq!(v[0].error_msg, "no idea why", "{name}");
@@ -153,7 +155,11 @@ async fn collections() {
 /// trusts the client (1.35).
 #[tokio::test]
 async fn client_handshake_info() {
-    for (name, minor, n) in [("client-handshake-info_1_30", 30, 1), ("client-handshake-info_1_33", 33, 2), ("client-handshake-info_1_35", 35, 2)] {
+    for (name, minor, n) in [
+        ("client-handshake-info_1_30", 30, 1),
+        ("client-handshake-info_1_33", 33, 2),
+        ("client-handshake-info_1_35", 35, 2),
+    ] {
         let bytes = fixture(name);
         let mut d = Decoder::from_bytes(bytes.clone(), ctx(minor));
         let mut out = Vec::new();

@@ -60,29 +60,52 @@ async fn queries_and_adds(d: &Daemon, c: &Client) {
     assert_eq!(hello.info.ca.as_ref().map(|ca| ca.method), Some(ContentAddressMethod::Text));
 
     // A text with a reference, and the obsolete AddTextToStore.
-    let greeting = c.add_text("greeting", format!("see {}", sd.print(&hello.path)).into_bytes(), &refs(&[&hello.path])).await.unwrap();
+    let greeting = c
+        .add_text("greeting", format!("see {}", sd.print(&hello.path)).into_bytes(), &refs(&[&hello.path]))
+        .await
+        .unwrap();
     assert_eq!(greeting.info.references, refs(&[&hello.path]));
     let old = c.add_text_to_store("old.txt", b"old", &BTreeSet::new()).await.unwrap();
     assert_eq!(old, sd.compute_text_path("old.txt", b"old", &BTreeSet::new()).unwrap());
 
     // AddToStore, flat and NAR.
     let flat = c
-        .add_to_store("flat", ContentAddressMethod::Flat, HashAlgo::Sha256, &BTreeSet::new(), false, Body::Bytes(b"flat data".to_vec()))
+        .add_to_store(
+            "flat",
+            ContentAddressMethod::Flat,
+            HashAlgo::Sha256,
+            &BTreeSet::new(),
+            false,
+            Body::Bytes(b"flat data".to_vec()),
+        )
         .await
         .unwrap();
     let flat_hash = Hash::digest(HashAlgo::Sha256, b"flat data");
-    assert_eq!(flat.path, sd.make_fixed_output_path("flat", ContentAddressMethod::Flat, &flat_hash, &BTreeSet::new(), false).unwrap());
+    assert_eq!(
+        flat.path,
+        sd.make_fixed_output_path("flat", ContentAddressMethod::Flat, &flat_hash, &BTreeSet::new(), false).unwrap()
+    );
     let tree = nar::NarEntry::Directory(BTreeMap::from([
         ("a".to_string(), nar::NarEntry::Regular { executable: true, contents: b"#!/bin/sh\n".to_vec() }),
         ("b".to_string(), nar::NarEntry::Symlink { target: "a".into() }),
     ]));
     let tree_nar = nar::write_nar(&tree);
     let dir = c
-        .add_to_store("tree", ContentAddressMethod::Nar, HashAlgo::Sha256, &BTreeSet::new(), false, Body::Bytes(tree_nar.clone()))
+        .add_to_store(
+            "tree",
+            ContentAddressMethod::Nar,
+            HashAlgo::Sha256,
+            &BTreeSet::new(),
+            false,
+            Body::Bytes(tree_nar.clone()),
+        )
         .await
         .unwrap();
     let tree_hash = Hash::digest(HashAlgo::Sha256, &tree_nar);
-    assert_eq!(dir.path, sd.make_fixed_output_path("tree", ContentAddressMethod::Nar, &tree_hash, &BTreeSet::new(), false).unwrap());
+    assert_eq!(
+        dir.path,
+        sd.make_fixed_output_path("tree", ContentAddressMethod::Nar, &tree_hash, &BTreeSet::new(), false).unwrap()
+    );
 
     // NarFromPath gives back the same NAR.
     assert_eq!(c.nar_from_path(&dir.path).await.unwrap().0, tree_nar);
@@ -118,7 +141,10 @@ async fn queries_and_adds(d: &Daemon, c: &Client) {
     for i in 0..3 {
         let contents = format!("multi {i}");
         let nar = nar::dump_flat_file_contents(contents.as_bytes());
-        let ca = ContentAddress { method: ContentAddressMethod::Text, hash: Hash::digest(HashAlgo::Sha256, contents.as_bytes()) };
+        let ca = ContentAddress {
+            method: ContentAddressMethod::Text,
+            hash: Hash::digest(HashAlgo::Sha256, contents.as_bytes()),
+        };
         let path = sd.make_fixed_output_path_from_ca("multi", &ca, &BTreeSet::new(), false).unwrap();
         let mut info = UnkeyedValidPathInfo::new(Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64);
         info.ca = Some(ca);
@@ -151,7 +177,12 @@ async fn queries_and_adds(d: &Daemon, c: &Client) {
     let doomed = sd.compute_text_path("doomed", b"doomed", &BTreeSet::new()).unwrap();
     c.add_text("doomed", b"doomed".to_vec(), &BTreeSet::new()).await.unwrap();
     let dead = c
-        .collect_garbage(&GcOptions { action: GcAction::ReturnDead, paths_to_delete: BTreeSet::new(), ignore_liveness: false, max_freed: u64::MAX })
+        .collect_garbage(&GcOptions {
+            action: GcAction::ReturnDead,
+            paths_to_delete: BTreeSet::new(),
+            ignore_liveness: false,
+            max_freed: u64::MAX,
+        })
         .await
         .unwrap();
     assert!(!dead.paths.contains(&sd.print(&flat.path)), "temp root reported dead");
@@ -159,11 +190,21 @@ async fn queries_and_adds(d: &Daemon, c: &Client) {
     // Paths added on a connection are its temp roots: another cannot delete them.
     let other = d.connect().await;
     let deleted = other
-        .collect_garbage(&GcOptions { action: GcAction::DeleteSpecific, paths_to_delete: refs(&[&flat.path]), ignore_liveness: false, max_freed: u64::MAX })
+        .collect_garbage(&GcOptions {
+            action: GcAction::DeleteSpecific,
+            paths_to_delete: refs(&[&flat.path]),
+            ignore_liveness: false,
+            max_freed: u64::MAX,
+        })
         .await;
     assert!(deleted.is_err(), "deleted a path another connection roots");
     let e = other
-        .collect_garbage(&GcOptions { action: GcAction::DeleteDead, paths_to_delete: BTreeSet::new(), ignore_liveness: true, max_freed: u64::MAX })
+        .collect_garbage(&GcOptions {
+            action: GcAction::DeleteDead,
+            paths_to_delete: BTreeSet::new(),
+            ignore_liveness: true,
+            max_freed: u64::MAX,
+        })
         .await
         .unwrap_err();
     assert!(daemon_message(&e).contains("not allowed to ignore liveness"), "{e}");
@@ -195,7 +236,10 @@ async fn builds(d: &Daemon, c: &Client, trust: Trust) {
 
     let drv2 = instantiate(d, c, "built-with-results", "echo again > $out");
     let results = c
-        .build_paths_with_results(&[DerivedPath::Built { drv_path: drv2.clone(), outputs: OutputsSpec::Names(["out".into()].into()) }], BuildMode::Normal)
+        .build_paths_with_results(
+            &[DerivedPath::Built { drv_path: drv2.clone(), outputs: OutputsSpec::Names(["out".into()].into()) }],
+            BuildMode::Normal,
+        )
         .await
         .unwrap();
     assert_eq!(results.len(), 1);
@@ -204,7 +248,10 @@ async fn builds(d: &Daemon, c: &Client, trust: Trust) {
 
     // A failing build fails only its own request.
     let bad = instantiate(d, c, "failing", "exit 1");
-    let e = c.build_paths(&[DerivedPath::Built { drv_path: bad, outputs: OutputsSpec::All }], BuildMode::Normal).await.unwrap_err();
+    let e = c
+        .build_paths(&[DerivedPath::Built { drv_path: bad, outputs: OutputsSpec::All }], BuildMode::Normal)
+        .await
+        .unwrap_err();
     assert!(daemon_message(&e).contains("failed"), "{e}");
     assert!(c.is_valid_path(&out).await.unwrap());
 
@@ -221,12 +268,25 @@ async fn builds(d: &Daemon, c: &Client, trust: Trust) {
     let drv3 = instantiate(d, c, "basic", "echo basic > $out");
     let out3 = c.query_derivation_output_map(&drv3).await.unwrap()["out"].clone().unwrap();
     let basic = BasicDerivation {
-        outputs: [("out".to_string(), DerivationOutput { path: Some(out3.clone()), hash_algo: String::new(), hash: String::new() })].into(),
+        outputs: [(
+            "out".to_string(),
+            DerivationOutput { path: Some(out3.clone()), hash_algo: String::new(), hash: String::new() },
+        )]
+        .into(),
         input_srcs: BTreeSet::new(),
-        platform: d.nix_ok(&["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"]).trim().trim_matches('"').to_string(),
+        platform: d
+            .nix_ok(&["nix-instantiate", "--eval", "--expr", "builtins.currentSystem"])
+            .trim()
+            .trim_matches('"')
+            .to_string(),
         builder: "/bin/sh".into(),
         args: vec!["-c".into(), "echo basic > $out".into()],
-        env: [("out".to_string(), sd.print(&out3)), ("name".into(), "basic".into()), ("builder".into(), "/bin/sh".into())].into(),
+        env: [
+            ("out".to_string(), sd.print(&out3)),
+            ("name".into(), "basic".into()),
+            ("builder".into(), "/bin/sh".into()),
+        ]
+        .into(),
     };
     let r = c.build_derivation(&drv3, &basic, BuildMode::Normal).await;
     match trust {
@@ -258,14 +318,19 @@ async fn privileged(d: &Daemon, c: &Client, trust: Trust) {
             let printed = c.store_dir().print(&drv);
             assert_eq!(d.nix_ok(&["nix-store", "--read-log", &printed]), "a build log\n");
         }
-        Trust::Untrusted => assert!(format!("{}", r.unwrap_err()).contains("does not trust this client"), "untrusted build log"),
+        Trust::Untrusted => {
+            assert!(format!("{}", r.unwrap_err()).contains("does not trust this client"), "untrusted build log")
+        }
     }
 
     // AddToStoreNar of a path with no content address: needs a trusted client that
     // skips the signature check.
     let nar = nar::dump_flat_file_contents(b"input addressed");
     let ia = sd.make_store_path("output:out", &Hash::digest(HashAlgo::Sha256, b"ia"), "input-addressed").unwrap();
-    let info = ValidPathInfo { path: ia.clone(), info: UnkeyedValidPathInfo::new(Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64) };
+    let info = ValidPathInfo {
+        path: ia.clone(),
+        info: UnkeyedValidPathInfo::new(Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64),
+    };
     let r = c.add_to_store_nar(&info, false, true, Body::Bytes(nar)).await;
     match trust {
         Trust::Trusted => r.unwrap(),
@@ -279,7 +344,12 @@ async fn privileged(d: &Daemon, c: &Client, trust: Trust) {
 
     // Realisations (ca-derivations is enabled in the test daemon's configuration).
     let id = DrvOutput { drv_hash: Hash::digest(HashAlgo::Sha256, b"a derivation"), output_name: "out".into() };
-    let realisation = Realisation { id: id.clone(), out_path: path.clone(), signatures: BTreeSet::new(), dependent_realisations: BTreeMap::new() };
+    let realisation = Realisation {
+        id: id.clone(),
+        out_path: path.clone(),
+        signatures: BTreeSet::new(),
+        dependent_realisations: BTreeMap::new(),
+    };
     assert!(c.query_realisation(&id).await.unwrap().is_empty());
     c.register_drv_output(&realisation).await.unwrap();
     let got = c.query_realisation(&id).await.unwrap();
@@ -379,7 +449,9 @@ async fn older_daemon_2_8() {
     let old = c.add_text_to_store("old.txt", b"old", &BTreeSet::new()).await.unwrap();
     assert_eq!(old, sd.compute_text_path("old.txt", b"old", &BTreeSet::new()).unwrap());
     let drv = instantiate(&d, &c, "old-build", "echo old > $out");
-    c.build_paths(&[DerivedPath::Built { drv_path: drv.clone(), outputs: OutputsSpec::All }], BuildMode::Normal).await.unwrap();
+    c.build_paths(&[DerivedPath::Built { drv_path: drv.clone(), outputs: OutputsSpec::All }], BuildMode::Normal)
+        .await
+        .unwrap();
     let out = c.query_derivation_output_map(&drv).await.unwrap()["out"].clone().unwrap();
     assert!(c.is_valid_path(&out).await.unwrap());
     c.flush().await.unwrap();

@@ -25,7 +25,9 @@ async fn ten_thousand_mixed_requests_from_eight_tasks() {
     // Some paths that exist, to query and root.
     let mut valid = Vec::new();
     for i in 0..50 {
-        valid.push(c.add_text(&format!("base-{i}"), format!("base {i}").into_bytes(), &BTreeSet::new()).await.unwrap().path);
+        valid.push(
+            c.add_text(&format!("base-{i}"), format!("base {i}").into_bytes(), &BTreeSet::new()).await.unwrap().path,
+        );
     }
     let before = c.stats();
 
@@ -52,11 +54,15 @@ async fn ten_thousand_mixed_requests_from_eight_tasks() {
                             let name = format!("t{t}-{i}");
                             let text = format!("task {t} request {i}");
                             let info = c.add_text(&name, text.clone().into_bytes(), &BTreeSet::new()).await.unwrap();
-                            assert_eq!(info.path, sd.compute_text_path(&name, text.as_bytes(), &BTreeSet::new()).unwrap());
+                            assert_eq!(
+                                info.path,
+                                sd.compute_text_path(&name, text.as_bytes(), &BTreeSet::new()).unwrap()
+                            );
                         }
                         2 => assert!(c.is_valid_path(&known).await.unwrap(), "{known} should be valid"),
                         _ => {
-                            let absent = sd.compute_text_path(&format!("absent-{t}-{i}"), b"", &BTreeSet::new()).unwrap();
+                            let absent =
+                                sd.compute_text_path(&format!("absent-{t}-{i}"), b"", &BTreeSet::new()).unwrap();
                             assert!(!c.is_valid_path(&absent).await.unwrap(), "{absent} should not be valid");
                         }
                     }
@@ -101,14 +107,27 @@ async fn large_upload_with_small_requests_behind() {
     let tree = NarEntry::Regular { executable: false, contents };
     let big_nar = nar::write_nar(&tree);
     let expected = sd
-        .make_fixed_output_path("big", ContentAddressMethod::Nar, &Hash::digest(HashAlgo::Sha256, &big_nar), &BTreeSet::new(), false)
+        .make_fixed_output_path(
+            "big",
+            ContentAddressMethod::Nar,
+            &Hash::digest(HashAlgo::Sha256, &big_nar),
+            &BTreeSet::new(),
+            false,
+        )
         .unwrap();
 
     let upload = {
         let c = c.clone();
         tokio::spawn(async move {
-            c.add_to_store("big", ContentAddressMethod::Nar, HashAlgo::Sha256, &BTreeSet::new(), false, Body::Bytes(big_nar))
-                .await
+            c.add_to_store(
+                "big",
+                ContentAddressMethod::Nar,
+                HashAlgo::Sha256,
+                &BTreeSet::new(),
+                false,
+                Body::Bytes(big_nar),
+            )
+            .await
         })
     };
     // Small requests queue behind the upload on the same connection.
@@ -120,7 +139,8 @@ async fn large_upload_with_small_requests_behind() {
         })
         .collect();
     let start = Instant::now();
-    let info = tokio::time::timeout(Duration::from_secs(120), upload).await.expect("upload deadlocked").unwrap().unwrap();
+    let info =
+        tokio::time::timeout(Duration::from_secs(120), upload).await.expect("upload deadlocked").unwrap().unwrap();
     assert_eq!(info.path, expected);
     for s in small {
         assert!(tokio::time::timeout(Duration::from_secs(60), s).await.expect("small request hung").unwrap().unwrap());
@@ -226,7 +246,9 @@ async fn connection_fatal_error_fails_all_pending() {
     for b in behind {
         // Refused at once if the connection was already known dead, else failed.
         let e = match b {
-            Ok(pending) => tokio::time::timeout(Duration::from_secs(5), pending).await.expect("pending request hung").unwrap_err(),
+            Ok(pending) => {
+                tokio::time::timeout(Duration::from_secs(5), pending).await.expect("pending request hung").unwrap_err()
+            }
             Err(e) => e,
         };
         let msg = e.to_string();
@@ -245,7 +267,12 @@ async fn killed_daemon_fails_pending_within_a_second() {
     // Enough new paths to keep the daemon busy for a while.
     let mut calls = Vec::new();
     for i in 0..5000 {
-        calls.push(c.add_text(&format!("k{i}"), format!("kill test {i}").into_bytes(), &BTreeSet::new()).start().await.unwrap());
+        calls.push(
+            c.add_text(&format!("k{i}"), format!("kill test {i}").into_bytes(), &BTreeSet::new())
+                .start()
+                .await
+                .unwrap(),
+        );
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!d.workers().is_empty());
@@ -253,7 +280,9 @@ async fn killed_daemon_fails_pending_within_a_second() {
     d.kill();
     let mut failed = 0;
     for call in calls {
-        let r = tokio::time::timeout(Duration::from_secs(1), call).await.expect("request still pending a second after the kill");
+        let r = tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .expect("request still pending a second after the kill");
         if let Err(e) = r {
             assert!(e.is_disconnect(), "{e}");
             failed += 1;
@@ -263,5 +292,10 @@ async fn killed_daemon_fails_pending_within_a_second() {
     assert!(failed > 0, "the daemon finished everything before it was killed");
     assert!(elapsed < Duration::from_secs(1), "took {elapsed:?}");
     println!("{failed} pending requests failed {elapsed:?} after the kill");
-    assert!(c.add_temp_root(&c.store_dir().compute_text_path("x", b"", &BTreeSet::new()).unwrap()).await.unwrap_err().is_disconnect());
+    assert!(
+        c.add_temp_root(&c.store_dir().compute_text_path("x", b"", &BTreeSet::new()).unwrap())
+            .await
+            .unwrap_err()
+            .is_disconnect()
+    );
 }

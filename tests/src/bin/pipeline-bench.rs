@@ -46,7 +46,9 @@ struct Bench {
 
 impl Bench {
     fn texts(&self, salt: u64) -> Vec<(String, Vec<u8>)> {
-        (0..self.n).map(|i| (format!("bench-{salt}-{i}"), format!("benchmark text {salt} {i}\n").into_bytes())).collect()
+        (0..self.n)
+            .map(|i| (format!("bench-{salt}-{i}"), format!("benchmark text {salt} {i}\n").into_bytes()))
+            .collect()
     }
 
     async fn run(&mut self, w: Workload, mode: Mode) -> Duration {
@@ -129,7 +131,8 @@ async fn main() {
         let (mut seq, mut pip) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             // Alternate which goes first, so that drift hits both alike.
-            let order = if round % 2 == 0 { [Mode::Sequential, Mode::Pipelined] } else { [Mode::Pipelined, Mode::Sequential] };
+            let order =
+                if round % 2 == 0 { [Mode::Sequential, Mode::Pipelined] } else { [Mode::Pipelined, Mode::Sequential] };
             for mode in order {
                 let t = bench.run(w, mode).await;
                 match mode {
@@ -140,13 +143,7 @@ async fn main() {
         }
         let (s, p) = (median(seq), median(pip));
         let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
-        println!(
-            "{:<34} {:>9.1} us {:>9.1} us {:>8.2}x",
-            w.label(),
-            per(s),
-            per(p),
-            s.as_secs_f64() / p.as_secs_f64()
-        );
+        println!("{:<34} {:>9.1} us {:>9.1} us {:>8.2}x", w.label(), per(s), per(p), s.as_secs_f64() / p.as_secs_f64());
     }
     println!("\nclient counters:\n{}", client.stats());
 }
