@@ -226,8 +226,7 @@ impl Client {
     /// Connects to the daemon's Unix socket and runs the handshake.
     pub async fn connect(socket: impl AsRef<Path>, options: ConnectOptions) -> Result<Client> {
         let socket = socket.as_ref();
-        let stream =
-            UnixStream::connect(socket).await.map_err(|source| Error::Connect { path: socket.to_owned(), source })?;
+        let stream = connect_unix(socket).await.map_err(|source| Error::Connect { path: socket.to_owned(), source })?;
         Client::from_stream(stream, options).await.map_err(|e| match e {
             Error::Eof => Error::Connect {
                 path: socket.to_owned(),
@@ -263,7 +262,14 @@ impl Client {
         tokio::spawn(writer(requests_rx, sink, slots, shared.clone(), dead_rx.clone()).instrument(span.clone()));
         tokio::spawn(reader(decoder, slots_rx, options.logger.clone(), shared.clone(), dead_rx).instrument(span));
 
-        let client = Client { inner: Arc::new(Inner { requests, ctx: decoder_ctx(&info, &options), info, shared }) };
+        let client = Client {
+            inner: Arc::new(Inner {
+                requests,
+                ctx: Ctx { version: info.version, store_dir: options.store_dir },
+                info,
+                shared,
+            }),
+        };
         if let Some(settings) = &options.settings {
             client.set_options(settings).await?;
         }
@@ -352,8 +358,22 @@ impl Client {
     }
 }
 
-fn decoder_ctx(info: &DaemonInfo, options: &ConnectOptions) -> Ctx {
-    Ctx { version: info.version, store_dir: options.store_dir.clone() }
+/// Connects to a Unix socket, also when its path is longer than a socket address
+/// holds (108 bytes on Linux): then through the open directory, by /proc/self/fd.
+async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::AsRawFd;
+    const SUN_PATH_MAX: usize = 107;
+    if path.as_os_str().len() <= SUN_PATH_MAX {
+        return UnixStream::connect(path).await;
+    }
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return UnixStream::connect(path).await;
+    };
+    let dir = std::fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string()).join(name);
+    let stream = UnixStream::connect(&short).await;
+    drop(dir);
+    stream
 }
 
 /// A request ready to go. Await it (or call [`Call::wait`]) for the result, or

@@ -404,3 +404,31 @@ async fn dropping_the_client_closes_after_pending_replies() {
     )
     .await;
 }
+
+/// A socket path longer than a socket address holds still connects.
+#[tokio::test]
+async fn connects_to_a_socket_with_a_long_path() {
+    let base = std::env::temp_dir().join(format!("rust-store-long-{}", std::process::id()));
+    let dir = base.join("a".repeat(60)).join("b".repeat(60));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("socket");
+    assert!(socket.as_os_str().len() > 108);
+    let listener = tokio::net::UnixListener::bind(&socket).or_else(|_| {
+        // Binding has the same limit: bind through the directory too.
+        let fd = std::fs::File::open(&dir).unwrap();
+        use std::os::fd::AsRawFd;
+        let short = std::path::Path::new("/proc/self/fd").join(fd.as_raw_fd().to_string()).join("socket");
+        let l = tokio::net::UnixListener::bind(short);
+        drop(fd);
+        l
+    });
+    let listener = listener.unwrap();
+    let peer = tokio::spawn(async move {
+        let (s, _) = listener.accept().await.unwrap();
+        Peer { s }.handshake(38).await;
+    });
+    let c = tokio::time::timeout(Duration::from_secs(5), Client::connect(&socket, options())).await.unwrap().unwrap();
+    assert_eq!(c.info().nix_version.as_deref(), Some("fake"));
+    peer.await.unwrap();
+    std::fs::remove_dir_all(base).unwrap();
+}
