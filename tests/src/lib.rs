@@ -59,14 +59,11 @@ pub fn nix_root(nix: Nix) -> PathBuf {
         "{} is not set up: run `tools/nix-env setup` (as root) first",
         root.display()
     );
-    if !root.join("proc/self").exists() {
-        let status = Command::new("mount").args(["-t", "proc", "proc"]).arg(root.join("proc")).status();
-        assert!(status.is_ok_and(|s| s.success()), "cannot mount /proc in {}", root.display());
-    }
-    if !root.join("dev/null").exists() {
-        let status = Command::new("mount").arg("--rbind").arg("/dev").arg(root.join("dev")).status();
-        assert!(status.is_ok_and(|s| s.success()), "cannot mount /dev in {}", root.display());
-    }
+    assert!(
+        root.join("proc/self").exists() && root.join("dev/.nixrs").exists(),
+        "{} has no /proc or /dev mounted (after a reboot?): run `tools/nix-env setup`",
+        root.display()
+    );
     root
 }
 
