@@ -28,7 +28,7 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
@@ -49,6 +49,8 @@ use crate::types::ClientSettings;
 
 /// Size of the frames an upload is cut into.
 const FRAME_SIZE: usize = 64 * 1024;
+/// How long a failed write waits for the reader to find out why the connection ended.
+const WRITE_ERROR_GRACE: Duration = Duration::from_secs(2);
 /// Socket buffer sizes on our side.
 const BUFFER_SIZE: usize = 64 * 1024;
 
@@ -489,14 +491,25 @@ async fn writer(
         sink.shutdown().await?;
         Ok::<(), Error>(())
     };
-    tokio::select! {
+    let failed = tokio::select! {
         biased;
-        _ = dead.wait_for(|d| *d) => {}
-        r = work => {
-            if let Err(e) = r {
+        _ = dead.wait_for(|d| *d) => None,
+        r = work => r.err(),
+    };
+    match failed {
+        // A write fails when the daemon has closed the connection. The reader holds
+        // the slot of the request that failed to go out, so it will read why the
+        // daemon closed (its last error, or EOF): let that be the cause, and report
+        // the write error only if the reader says nothing.
+        Some(e @ Error::Io(_)) => {
+            if tokio::time::timeout(WRITE_ERROR_GRACE, dead.wait_for(|d| *d)).await.is_err() {
                 shared.kill(e);
             }
         }
+        Some(e) => {
+            shared.kill(e);
+        }
+        None => {}
     }
     trace!("writer stopped");
     // Dropping `requests` fails later submissions; dropping `slots` lets the reader end.
