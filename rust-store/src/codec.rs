@@ -254,11 +254,13 @@ pub type Source = Box<dyn AsyncBufRead + Send + Unpin>;
 pub struct Decoder {
     src: Source,
     ctx: Ctx,
+    /// While set, every byte read through the decoder is also kept here.
+    recording: Option<Vec<u8>>,
 }
 
 impl Decoder {
     pub fn new(src: Source, ctx: Ctx) -> Decoder {
-        Decoder { src, ctx }
+        Decoder { src, ctx, recording: None }
     }
 
     /// A decoder over an in-memory buffer (fixtures, tests).
@@ -278,7 +280,28 @@ impl Decoder {
         self.ctx.version = v;
     }
 
-    /// The underlying stream, for values with their own framing (a NAR).
+    /// Starts keeping a copy of every byte read, for a caller that wants a value's
+    /// exact encoding as well as (or instead of) the value.
+    pub fn start_recording(&mut self) {
+        self.recording = Some(Vec::new());
+    }
+
+    /// Stops recording and returns what was read since [`Decoder::start_recording`].
+    pub fn take_recording(&mut self) -> Vec<u8> {
+        self.recording.take().unwrap_or_default()
+    }
+
+    /// Fills `buf` from the stream (the one place the decoder reads).
+    async fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        self.src.read_exact(buf).await.map_err(read_error)?;
+        if let Some(r) = &mut self.recording {
+            r.extend_from_slice(buf);
+        }
+        Ok(())
+    }
+
+    /// The underlying stream, for values with their own framing (a NAR). Bytes read
+    /// through it are not recorded.
     pub fn reader(&mut self) -> &mut (dyn AsyncBufRead + Send + Unpin) {
         &mut *self.src
     }
@@ -291,7 +314,7 @@ impl Decoder {
 
     pub async fn u64(&mut self) -> Result<u64> {
         let mut b = [0u8; 8];
-        self.src.read_exact(&mut b).await.map_err(read_error)?;
+        self.fill(&mut b).await?;
         Ok(u64::from_le_bytes(b))
     }
 
@@ -323,7 +346,7 @@ impl Decoder {
             let n = left.min(READ_CHUNK);
             let start = out.len();
             out.resize(start + n, 0);
-            self.src.read_exact(&mut out[start..]).await.map_err(read_error)?;
+            self.fill(&mut out[start..]).await?;
             left -= n;
         }
         self.padding(len).await?;
@@ -334,7 +357,7 @@ impl Decoder {
         let pad = padding(len);
         if pad > 0 {
             let mut z = [0u8; 8];
-            self.src.read_exact(&mut z[..pad]).await.map_err(read_error)?;
+            self.fill(&mut z[..pad]).await?;
             if z[..pad].iter().any(|&b| b != 0) {
                 return Err(Error::Protocol("non-zero padding after a string".into()));
             }
@@ -381,8 +404,7 @@ impl Decoder {
 
     /// Reads raw bytes with no framing.
     pub async fn raw(&mut self, buf: &mut [u8]) -> Result<()> {
-        self.src.read_exact(buf).await.map_err(read_error)?;
-        Ok(())
+        self.fill(buf).await
     }
 }
 

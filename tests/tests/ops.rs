@@ -471,3 +471,100 @@ async fn negotiates_down() {
     let e = c.add_multiple_to_store(&[], false, false).await.unwrap_err();
     assert_eq!(e.to_string(), "AddMultipleToStore needs worker protocol 1.32, but the Nix daemon speaks 1.25");
 }
+
+/// raw_call returns each op's exact result bytes, which decode to what the typed call
+/// returns; raw and typed calls share the pipeline.
+#[tokio::test]
+async fn raw_calls_return_exact_result_bytes() {
+    use rust_store::codec::{Ctx, Decoder, Encoder};
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let c = d.connect().await;
+    let ctx = Ctx { version: c.version(), store_dir: c.store_dir().clone() };
+    let encode = |f: &dyn Fn(&mut Encoder<'_>)| {
+        let mut buf = Vec::new();
+        f(&mut Encoder::new(&mut buf, &ctx));
+        buf
+    };
+    let hello = c.add_text("hello.txt", b"hello\n".to_vec(), &BTreeSet::new()).await.unwrap();
+    let absent = c.store_dir().compute_text_path("absent", b"", &BTreeSet::new()).unwrap();
+
+    // Several raw calls in flight at once, between typed ones.
+    let info = c
+        .raw_call(
+            Op::QueryPathInfo,
+            None,
+            &encode(&|e| {
+                e.path(&hello.path);
+            }),
+            None,
+        )
+        .start()
+        .await
+        .unwrap();
+    let none = c
+        .raw_call(
+            Op::QueryPathInfo,
+            None,
+            &encode(&|e| {
+                e.path(&absent);
+            }),
+            None,
+        )
+        .start()
+        .await
+        .unwrap();
+    let typed = c.is_valid_path(&hello.path).start().await.unwrap();
+    let add = c
+        .raw_call(
+            Op::AddToStore,
+            Some("raw".into()),
+            &encode(&|e| {
+                e.str("raw").str("text:sha256").put(&BTreeSet::<StorePath>::new()).bool(false);
+            }),
+            Some(Body::Bytes(b"raw text".to_vec())),
+        )
+        .start()
+        .await
+        .unwrap();
+    let nar = c
+        .raw_call(
+            Op::NarFromPath,
+            None,
+            &encode(&|e| {
+                e.path(&hello.path);
+            }),
+            None,
+        )
+        .start()
+        .await
+        .unwrap();
+    let roots = c.raw_call(Op::FindRoots, None, &[], None).start().await.unwrap();
+
+    let decode = |bytes: Vec<u8>| Decoder::from_bytes(bytes, ctx.clone());
+    let mut dec = decode(info.await.unwrap());
+    assert_eq!(dec.get::<Option<UnkeyedValidPathInfo>>().await.unwrap(), Some(hello.info.clone()));
+    assert!(dec.at_eof().await.unwrap());
+    assert_eq!(none.await.unwrap(), 0u64.to_le_bytes());
+    assert!(typed.await.unwrap());
+    let mut dec = decode(add.await.unwrap());
+    let added: ValidPathInfo = dec.get().await.unwrap();
+    assert_eq!(added.path, c.store_dir().compute_text_path("raw", b"raw text", &BTreeSet::new()).unwrap());
+    assert!(dec.at_eof().await.unwrap());
+    assert_eq!(nar.await.unwrap(), nar::dump_flat_file_contents(b"hello\n"));
+    assert!(!roots.await.unwrap().is_empty());
+
+    // A daemon error through a raw call fails only that call.
+    let e = c
+        .raw_call(
+            Op::EnsurePath,
+            None,
+            &encode(&|e| {
+                e.path(&absent);
+            }),
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(e.daemon_error().is_some(), "{e}");
+    assert!(c.is_valid_path(&hello.path).await.unwrap());
+}
