@@ -496,20 +496,16 @@ async fn writer(
         _ = dead.wait_for(|d| *d) => None,
         r = work => r.err(),
     };
-    match failed {
+    if let Some(e) = failed {
         // A write fails when the daemon has closed the connection. The reader holds
         // the slot of the request that failed to go out, so it will read why the
         // daemon closed (its last error, or EOF): let that be the cause, and report
         // the write error only if the reader says nothing.
-        Some(e @ Error::Io(_)) => {
-            if tokio::time::timeout(WRITE_ERROR_GRACE, dead.wait_for(|d| *d)).await.is_err() {
-                shared.kill(e);
-            }
-        }
-        Some(e) => {
+        let reader_told =
+            matches!(e, Error::Io(_)) && tokio::time::timeout(WRITE_ERROR_GRACE, dead.wait_for(|d| *d)).await.is_ok();
+        if !reader_told {
             shared.kill(e);
         }
-        None => {}
     }
     trace!("writer stopped");
     // Dropping `requests` fails later submissions; dropping `slots` lets the reader end.
