@@ -185,9 +185,13 @@ trait Reply: Send {
 
 struct Typed<T> {
     decode: DecodeFn<T>,
+    check: Option<Check<T>>,
     value: Option<T>,
     to: Delivery<T>,
 }
+
+/// A test a result must pass; failing it fails the request.
+type Check<T> = Box<dyn FnOnce(&T) -> Result<()> + Send>;
 
 enum Delivery<T> {
     /// A caller is waiting for the result.
@@ -205,9 +209,13 @@ impl<T: Send + 'static> Reply for Typed<T> {
     }
 
     fn complete(self: Box<Self>, outcome: Result<()>) {
-        let Typed { value, to, .. } = *self;
-        let result =
-            outcome.and_then(|()| value.ok_or_else(|| Error::Protocol("a reply completed without its value".into())));
+        let Typed { value, to, check, .. } = *self;
+        let result = outcome
+            .and_then(|()| value.ok_or_else(|| Error::Protocol("a reply completed without its value".into())))
+            .and_then(|v| match check {
+                Some(check) => check(&v).map(|()| v),
+                None => Ok(v),
+            });
         match to {
             Delivery::Caller(tx) => {
                 let _ = tx.send(result);
@@ -332,7 +340,7 @@ impl Client {
         let mut e = Encoder::new(&mut header, &self.inner.ctx);
         e.u64(op as u64);
         args(&mut e);
-        Call { client: self, request: Ok(Request { op, subject, header, body: None }), decode }
+        Call { client: self, request: Ok(Request { op, subject, header, body: None }), decode, check: None }
     }
 
     /// A request this connection cannot make, failing when awaited or sent.
@@ -340,7 +348,7 @@ impl Client {
         fn never<T>(_: &mut Decoder) -> BoxFuture<'_, Result<T>> {
             Box::pin(async { Err(Error::InvalidRequest("refused request was sent".into())) })
         }
-        Call { client: self, request: Err(e), decode: never::<T> }
+        Call { client: self, request: Err(e), decode: never::<T>, check: None }
     }
 
     /// Hands a message to the writer, waiting for room if the queue is full.
@@ -385,6 +393,7 @@ pub struct Call<'c, T> {
     client: &'c Client,
     request: Result<Request>,
     decode: DecodeFn<T>,
+    check: Option<Check<T>>,
 }
 
 impl<'c, T: Send + 'static> Call<'c, T> {
@@ -393,6 +402,13 @@ impl<'c, T: Send + 'static> Call<'c, T> {
         if let Ok(r) = &mut self.request {
             r.body = Some(body);
         }
+        self
+    }
+
+    /// A test the result must pass when it arrives, whether or not anyone waits for
+    /// it: an error from `check` becomes the request's error.
+    pub fn check(mut self, check: impl FnOnce(&T) -> Result<()> + Send + 'static) -> Self {
+        self.check = Some(Box::new(check));
         self
     }
 
@@ -409,7 +425,7 @@ impl<'c, T: Send + 'static> Call<'c, T> {
         let shared = &self.client.inner.shared;
         shared.stats.request(request.op, true);
         let (tx, rx) = oneshot::channel();
-        let reply = Box::new(Typed { decode: self.decode, value: None, to: Delivery::Caller(tx) });
+        let reply = Box::new(Typed { decode: self.decode, check: self.check, value: None, to: Delivery::Caller(tx) });
         self.client.submit(Message::Request { request, reply }).await?;
         Ok(Pending { rx, shared: shared.clone(), blocked_since: None })
     }
@@ -421,7 +437,12 @@ impl<'c, T: Send + 'static> Call<'c, T> {
         let request = self.request?;
         let shared = &self.client.inner.shared;
         shared.stats.request(request.op, false);
-        let reply = Box::new(Typed { decode: self.decode, value: None, to: Delivery::Deferred(shared.clone()) });
+        let reply = Box::new(Typed {
+            decode: self.decode,
+            check: self.check,
+            value: None,
+            to: Delivery::Deferred(shared.clone()),
+        });
         self.client.submit(Message::Request { request, reply }).await
     }
 }

@@ -66,6 +66,10 @@ pub enum Error {
 
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+
+    /// A result failed the check its caller attached ([`crate::Call::check`]).
+    #[error("{0}")]
+    Unexpected(String),
 }
 
 impl Error {

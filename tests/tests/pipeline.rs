@@ -299,3 +299,26 @@ async fn killed_daemon_fails_pending_within_a_second() {
             .is_disconnect()
     );
 }
+
+/// A check attached to a request sent without waiting runs when its reply arrives;
+/// its failure surfaces at the next call that waits.
+#[tokio::test]
+async fn failed_check_surfaces_like_a_daemon_error() {
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let c = d.connect().await;
+    let wrong = c.store_dir().compute_text_path("other", b"", &BTreeSet::new()).unwrap();
+    c.add_text("checked", b"checked".to_vec(), &BTreeSet::new())
+        .check(move |info| {
+            if info.path == wrong {
+                Ok(())
+            } else {
+                Err(rust_store::error::Error::Unexpected(format!("stored at {}", info.path)))
+            }
+        })
+        .send()
+        .await
+        .unwrap();
+    let e = c.flush().await.unwrap_err();
+    assert!(e.to_string().contains("-checked"), "{e}");
+    c.flush().await.unwrap();
+}
