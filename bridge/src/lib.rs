@@ -1,0 +1,399 @@
+//! The bridge through which Nix's C++ (libstore's `RustDaemonStore`) uses rust-store.
+//!
+//! The C++ side encodes each request's arguments and decodes each result with Nix's
+//! own worker-protocol serialisers; this side owns the connection, pipelines the
+//! requests on it, and hands back result bytes. Two operations never wait:
+//!
+//! - [`DaemonConnection::add_temp_root`]: sent without waiting, at most once per path
+//!   and connection (temp roots last as long as the connection);
+//! - [`DaemonConnection::add_ca`]: a content-addressed addition whose store path is
+//!   computed here, so the caller gets the path at once while the upload goes out
+//!   behind the requests before it. The daemon's answer is still checked.
+//!
+//! Failures come back as an [`ffi::Outcome`] holding an error in the worker protocol's
+//! own error encoding, which C++ rethrows with `readError`, as the C++ client does. A
+//! failure of a request sent without waiting is returned by the next call that waits.
+//! No panic crosses into C++: each entry point turns one into an error.
+//!
+//! Calls block the calling C++ thread; the connection's tasks run on a runtime this
+//! crate owns.
+
+use std::collections::{BTreeSet, HashSet};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::{Mutex, OnceLock};
+
+use rust_store::codec::{Ctx, Decoder};
+use rust_store::connection::Body;
+use rust_store::hash::{Hash, HashAlgo};
+use rust_store::logger::{Activity, Field, Logger};
+use rust_store::ops::Op;
+use rust_store::store_path::{ContentAddressMethod, StorePath};
+use rust_store::types::TrustedFlag;
+use rust_store::{Client, ConnectOptions, Error, StoreDir};
+use tokio::runtime::Runtime;
+
+#[cxx::bridge(namespace = "nix::rust_store")]
+mod ffi {
+    /// A call's outcome: its result bytes, or an error in the protocol's encoding.
+    struct Outcome {
+        ok: bool,
+        data: Vec<u8>,
+    }
+
+    extern "Rust" {
+        type DaemonConnection;
+
+        /// Connects to the daemon's socket and runs the handshake. `store_dir` is
+        /// the store directory paths are printed with.
+        fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>>;
+
+        /// The negotiated protocol version, as the wire encodes it.
+        fn protocol_version(self: &DaemonConnection) -> u64;
+        /// The daemon's Nix version, or "" if the protocol does not tell.
+        fn daemon_version(self: &DaemonConnection) -> String;
+        /// Whether the daemon trusts us: 0 unknown, 1 trusted, 2 not trusted.
+        fn trusted(self: &DaemonConnection) -> u8;
+
+        /// Sends `op` with its encoded arguments (and, if `has_framed`, framed data)
+        /// and waits for its result.
+        fn call(
+            self: &DaemonConnection,
+            op: u64,
+            subject: &str,
+            args: &[u8],
+            has_framed: bool,
+            framed: &[u8],
+        ) -> Outcome;
+
+        /// Roots a path for this connection without waiting; repeats are dropped.
+        fn add_temp_root(self: &DaemonConnection, path: &str) -> Outcome;
+
+        /// AddToStore for content-addressed data: `args` are the op's encoded
+        /// arguments, `data` its upload. Returns the printed store path. Computes the
+        /// path and does not wait where it can (no repair, text or flat or NAR
+        /// hashing); otherwise waits for the daemon's answer.
+        fn add_ca(self: &DaemonConnection, args: &[u8], data: &[u8]) -> Outcome;
+
+        /// Waits until every request sent has been answered; returns the first
+        /// failure of a request sent without waiting, if any.
+        fn flush(self: &DaemonConnection) -> Outcome;
+
+        /// The connection's counters, as a JSON object.
+        fn stats_json(self: &DaemonConnection) -> String;
+    }
+
+    unsafe extern "C++" {
+        include!("nix-store-bridge-logger.hh");
+
+        fn log_line(line: &str);
+        fn start_activity(id: u64, level: u64, activity_type: u64, text: &str, fields: &[u8], parent: u64);
+        fn stop_activity(id: u64);
+        fn activity_result(id: u64, result_type: u64, fields: &[u8]);
+    }
+}
+
+use ffi::Outcome;
+
+/// The runtime the connections' tasks run on, shared by all connections.
+fn runtime() -> Result<&'static Runtime, String> {
+    static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
+    RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .thread_name("nix-daemon-client")
+                .enable_io()
+                .enable_time()
+                .build()
+                .map_err(|e| format!("cannot start the daemon client's runtime: {e}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// Runs `f`, turning a panic into an error message instead of unwinding into C++.
+fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|p| {
+        let msg = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        format!("internal error in the Rust daemon client ({what}): {msg}")
+    })
+}
+
+/// Encodes an error as the daemon does (Nix's `operator << (Sink &, const Error &)`).
+fn encode_error(level: u64, message: &str, traces: &[String]) -> Vec<u8> {
+    fn put_str(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+        out.extend_from_slice(&[0u8; 8][..(8 - s.len() % 8) % 8]);
+    }
+    let mut out = Vec::new();
+    put_str(&mut out, "Error");
+    out.extend_from_slice(&level.to_le_bytes());
+    put_str(&mut out, "Error");
+    put_str(&mut out, message);
+    out.extend_from_slice(&0u64.to_le_bytes());
+    out.extend_from_slice(&(traces.len() as u64).to_le_bytes());
+    for t in traces {
+        out.extend_from_slice(&0u64.to_le_bytes());
+        put_str(&mut out, t);
+    }
+    out
+}
+
+fn ok(data: Vec<u8>) -> Outcome {
+    Outcome { ok: true, data }
+}
+
+fn failed(e: &Error) -> Outcome {
+    let data = match e {
+        // The daemon's own error, unchanged: what the C++ client would throw.
+        Error::Daemon(d) => encode_error(d.level, &d.message, &d.traces),
+        // An earlier request's failure: say which request it was.
+        Error::Deferred { first, .. } => match first.daemon_error() {
+            Some(d) => {
+                let what = d.subject.as_deref().map(|s| format!(" '{s}'")).unwrap_or_default();
+                let msg = format!("{}{what}, sent earlier without waiting, failed: {}", d.op, d.message);
+                encode_error(d.level, &msg, &d.traces)
+            }
+            None => encode_error(0, &e.to_string(), &[]),
+        },
+        _ => encode_error(0, &e.to_string(), &[]),
+    };
+    Outcome { ok: false, data }
+}
+
+fn failed_msg(msg: &str) -> Outcome {
+    Outcome { ok: false, data: encode_error(0, msg, &[]) }
+}
+
+/// Flattens a guarded outcome.
+fn outcome(what: &str, f: impl FnOnce() -> Outcome) -> Outcome {
+    guard(what, f).unwrap_or_else(|m| failed_msg(&m))
+}
+
+/// Passes the daemon's messages to Nix's logger.
+struct CxxLogger;
+
+fn encode_fields(fields: &[Field]) -> Vec<u8> {
+    let mut out = Vec::new();
+    out.extend_from_slice(&(fields.len() as u64).to_le_bytes());
+    for f in fields {
+        match f {
+            Field::Int(i) => {
+                out.extend_from_slice(&0u64.to_le_bytes());
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            Field::String(s) => {
+                out.extend_from_slice(&1u64.to_le_bytes());
+                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+                out.extend_from_slice(s.as_bytes());
+                out.extend_from_slice(&[0u8; 8][..(8 - s.len() % 8) % 8]);
+            }
+        }
+    }
+    out
+}
+
+impl Logger for CxxLogger {
+    fn log(&self, line: &str) {
+        ffi::log_line(line);
+    }
+
+    fn start_activity(&self, a: Activity) {
+        ffi::start_activity(a.id, a.level, a.activity_type, &a.text, &encode_fields(&a.fields), a.parent);
+    }
+
+    fn stop_activity(&self, id: u64) {
+        ffi::stop_activity(id);
+    }
+
+    fn result(&self, id: u64, result_type: u64, fields: Vec<Field>) {
+        ffi::activity_result(id, result_type, &encode_fields(&fields));
+    }
+}
+
+/// One connection to the daemon, shared by every thread of the C++ store.
+pub struct DaemonConnection {
+    client: Client,
+    runtime: &'static Runtime,
+    /// Paths rooted on this connection so far.
+    temp_roots: Mutex<HashSet<StorePath>>,
+}
+
+fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>, String> {
+    guard("connect", || {
+        let runtime = runtime()?;
+        let store_dir = StoreDir::new(store_dir).map_err(|e| e.to_string())?;
+        // The C++ side sends SetOptions itself, with Nix's settings.
+        let options = ConnectOptions {
+            store_dir,
+            logger: std::sync::Arc::new(CxxLogger),
+            settings: None,
+            ..ConnectOptions::default()
+        };
+        let client = runtime.block_on(Client::connect(socket, options)).map_err(|e| e.to_string())?;
+        Ok(Box::new(DaemonConnection { client, runtime, temp_roots: Mutex::new(HashSet::new()) }))
+    })?
+}
+
+/// What AddToStore's arguments say, as far as computing the path goes.
+struct CaArgs {
+    name: String,
+    method: ContentAddressMethod,
+    algo: HashAlgo,
+    references: BTreeSet<StorePath>,
+    repair: bool,
+}
+
+impl DaemonConnection {
+    fn protocol_version(&self) -> u64 {
+        self.client.version().to_wire()
+    }
+
+    fn daemon_version(&self) -> String {
+        self.client.info().nix_version.clone().unwrap_or_default()
+    }
+
+    fn trusted(&self) -> u8 {
+        match self.client.info().trusted {
+            None => 0,
+            Some(TrustedFlag::Trusted) => 1,
+            Some(TrustedFlag::NotTrusted) => 2,
+        }
+    }
+
+    fn call(&self, op: u64, subject: &str, args: &[u8], has_framed: bool, framed: &[u8]) -> Outcome {
+        outcome("call", || {
+            let Some(op) = Op::from_code(op) else {
+                return failed_msg(&format!("the Rust daemon client does not implement worker op {op}"));
+            };
+            let subject = (!subject.is_empty()).then(|| subject.to_owned());
+            let body = has_framed.then(|| Body::Bytes(framed.to_vec()));
+            match self.runtime.block_on(self.client.raw_call(op, subject, args, body).wait()) {
+                Ok(bytes) => ok(bytes),
+                Err(e) => failed(&e),
+            }
+        })
+    }
+
+    fn add_temp_root(&self, path: &str) -> Outcome {
+        outcome("add_temp_root", || {
+            let path = match self.client.store_dir().parse(path) {
+                Ok(p) => p,
+                Err(e) => return failed_msg(&e.to_string()),
+            };
+            let mut roots = self.temp_roots.lock().unwrap_or_else(|p| p.into_inner());
+            if roots.contains(&path) {
+                return ok(Vec::new());
+            }
+            match self.runtime.block_on(self.client.add_temp_root(&path).send()) {
+                Ok(()) => {
+                    roots.insert(path);
+                    ok(Vec::new())
+                }
+                Err(e) => failed(&e),
+            }
+        })
+    }
+
+    /// Decodes AddToStore's arguments: name, method with algorithm, references,
+    /// repair.
+    fn parse_ca_args(&self, args: &[u8]) -> Result<CaArgs, Error> {
+        let ctx = Ctx { version: self.client.version(), store_dir: self.client.store_dir().clone() };
+        let mut d = Decoder::from_bytes(args.to_vec(), ctx);
+        self.runtime.block_on(async {
+            let name = d.string().await?;
+            let method = d.string().await?;
+            let (method, algo) = ContentAddressMethod::parse_with_algo(&method)
+                .map_err(|e| Error::InvalidRequest(format!("AddToStore '{name}': {e}")))?;
+            let references = d.get().await?;
+            let repair = d.bool().await?;
+            Ok(CaArgs { name, method, algo, references, repair })
+        })
+    }
+
+    /// The path the daemon will store `data` at, if it can be known beforehand.
+    fn predict_path(&self, a: &CaArgs, data: &[u8]) -> Option<StorePath> {
+        let store_dir = self.client.store_dir();
+        match a.method {
+            ContentAddressMethod::Text if a.algo == HashAlgo::Sha256 => {
+                store_dir.compute_text_path(&a.name, data, &a.references).ok()
+            }
+            ContentAddressMethod::Flat | ContentAddressMethod::Nar => {
+                let hash = Hash::digest(a.algo, data);
+                store_dir.make_fixed_output_path(&a.name, a.method, &hash, &a.references, false).ok()
+            }
+            _ => None,
+        }
+    }
+
+    fn add_ca(&self, args: &[u8], data: &[u8]) -> Outcome {
+        outcome("add_ca", || {
+            let a = match self.parse_ca_args(args) {
+                Ok(a) => a,
+                Err(e) => return failed(&e),
+            };
+            let body = Body::Bytes(data.to_vec());
+            let predicted = if a.repair { None } else { self.predict_path(&a, data) };
+            let call = self.client.add_to_store(&a.name, a.method, a.algo, &a.references, a.repair, body);
+            let Some(path) = predicted else {
+                // Wait for the daemon to say where it stored the data.
+                return match self.runtime.block_on(call.wait()) {
+                    Ok(info) => ok(self.client.store_dir().print(&info.path).into_bytes()),
+                    Err(e) => failed(&e),
+                };
+            };
+            // The daemon roots the path itself when it handles the request.
+            self.temp_roots.lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone());
+            let printed = self.client.store_dir().print(&path);
+            let expected = printed.clone();
+            let store_dir = self.client.store_dir().clone();
+            let call = call.check(move |info| {
+                if info.path == path {
+                    Ok(())
+                } else {
+                    Err(Error::Unexpected(format!(
+                        "the daemon added '{}' as '{}', not at the path computed for it",
+                        expected,
+                        store_dir.print(&info.path)
+                    )))
+                }
+            });
+            match self.runtime.block_on(call.send()) {
+                Ok(()) => ok(printed.into_bytes()),
+                Err(e) => failed(&e),
+            }
+        })
+    }
+
+    fn flush(&self) -> Outcome {
+        outcome("flush", || match self.runtime.block_on(self.client.flush()) {
+            Ok(()) => ok(Vec::new()),
+            Err(e) => failed(&e),
+        })
+    }
+
+    fn stats_json(&self) -> String {
+        guard("stats", || {
+            let s = self.client.stats();
+            let by_op: Vec<String> = s.requests.iter().map(|(op, n)| format!("\"{op}\":{n}")).collect();
+            format!(
+                "{{\"requests\":{},\"requestsWithoutWaiting\":{},\"requestsByOp\":{{{}}},\"bytesSent\":{},\
+                 \"bytesReceived\":{},\"waits\":{},\"waitTimeMs\":{:.3},\"backpressureWaits\":{}}}",
+                s.total_requests(),
+                s.sent_without_waiting,
+                by_op.join(","),
+                s.bytes_sent,
+                s.bytes_received,
+                s.waits,
+                s.wait_time.as_secs_f64() * 1e3,
+                s.backpressure_waits
+            )
+        })
+        .unwrap_or_else(|_| "{}".into())
+    }
+}
