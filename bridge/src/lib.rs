@@ -19,8 +19,10 @@
 //! crate owns.
 
 use std::collections::{BTreeSet, HashSet};
+use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use rust_store::codec::{Ctx, Decoder};
 use rust_store::connection::Body;
@@ -78,6 +80,11 @@ mod ffi {
         /// failure of a request sent without waiting, if any.
         fn flush(self: &DaemonConnection) -> Outcome;
 
+        /// Like flush, but only if a request sent without waiting is still
+        /// unanswered; otherwise returns at once. For callers about to read the
+        /// store's files.
+        fn sync(self: &DaemonConnection) -> Outcome;
+
         /// The connection's counters, as a JSON object.
         fn stats_json(self: &DaemonConnection) -> String;
     }
@@ -109,6 +116,19 @@ fn runtime() -> Result<&'static Runtime, String> {
         })
         .as_ref()
         .map_err(Clone::clone)
+}
+
+/// Runs `fut` on the runtime and blocks the calling thread until it is done.
+///
+/// Unlike `Runtime::block_on`, this needs no thread-local state on the calling
+/// thread, so it works from any C++ thread, also while the process exits and a
+/// store is destroyed after the thread's thread-locals are gone.
+fn wait<T: Send + 'static>(runtime: &Runtime, fut: impl Future<Output = T> + Send + 'static) -> Result<T, String> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    runtime.spawn(async move {
+        let _ = tx.send(fut.await);
+    });
+    rx.recv().map_err(|_| "the daemon client's runtime dropped a request".to_string())
 }
 
 /// Runs `f`, turning a panic into an error message instead of unwinding into C++.
@@ -222,6 +242,25 @@ pub struct DaemonConnection {
     runtime: &'static Runtime,
     /// Paths rooted on this connection so far.
     temp_roots: Mutex<HashSet<StorePath>>,
+    /// Requests sent without waiting whose reply has not been read yet.
+    unanswered: Arc<AtomicU64>,
+}
+
+/// Counts a request sent without waiting until its reply has been read (or the
+/// request is dropped with the connection).
+struct Unanswered(Arc<AtomicU64>);
+
+impl Unanswered {
+    fn new(count: &Arc<AtomicU64>) -> Unanswered {
+        count.fetch_add(1, Ordering::SeqCst);
+        Unanswered(count.clone())
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>, String> {
@@ -235,8 +274,15 @@ fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>
             settings: None,
             ..ConnectOptions::default()
         };
-        let client = runtime.block_on(Client::connect(socket, options)).map_err(|e| e.to_string())?;
-        Ok(Box::new(DaemonConnection { client, runtime, temp_roots: Mutex::new(HashSet::new()) }))
+        let socket = socket.to_owned();
+        let client =
+            wait(runtime, async move { Client::connect(socket, options).await })?.map_err(|e| e.to_string())?;
+        Ok(Box::new(DaemonConnection {
+            client,
+            runtime,
+            temp_roots: Mutex::new(HashSet::new()),
+            unanswered: Arc::new(AtomicU64::new(0)),
+        }))
     })?
 }
 
@@ -273,7 +319,8 @@ impl DaemonConnection {
             };
             let subject = (!subject.is_empty()).then(|| subject.to_owned());
             let body = has_framed.then(|| Body::Bytes(framed.to_vec()));
-            match self.runtime.block_on(self.client.raw_call(op, subject, args, body).wait()) {
+            let (client, args) = (self.client.clone(), args.to_vec());
+            match self.wait(async move { client.raw_call(op, subject, &args, body).wait().await }) {
                 Ok(bytes) => ok(bytes),
                 Err(e) => failed(&e),
             }
@@ -290,7 +337,13 @@ impl DaemonConnection {
             if roots.contains(&path) {
                 return ok(Vec::new());
             }
-            match self.runtime.block_on(self.client.add_temp_root(&path).send()) {
+            let (client, p) = (self.client.clone(), path.clone());
+            let unanswered = Unanswered::new(&self.unanswered);
+            let answered = move |_: &()| {
+                drop(unanswered);
+                Ok(())
+            };
+            match self.wait(async move { client.add_temp_root(&p).check(answered).send().await }) {
                 Ok(()) => {
                     roots.insert(path);
                     ok(Vec::new())
@@ -305,7 +358,7 @@ impl DaemonConnection {
     fn parse_ca_args(&self, args: &[u8]) -> Result<CaArgs, Error> {
         let ctx = Ctx { version: self.client.version(), store_dir: self.client.store_dir().clone() };
         let mut d = Decoder::from_bytes(args.to_vec(), ctx);
-        self.runtime.block_on(async {
+        self.wait(async move {
             let name = d.string().await?;
             let method = d.string().await?;
             let (method, algo) = ContentAddressMethod::parse_with_algo(&method)
@@ -339,10 +392,13 @@ impl DaemonConnection {
             };
             let body = Body::Bytes(data.to_vec());
             let predicted = if a.repair { None } else { self.predict_path(&a, data) };
-            let call = self.client.add_to_store(&a.name, a.method, a.algo, &a.references, a.repair, body);
+            let client = self.client.clone();
             let Some(path) = predicted else {
                 // Wait for the daemon to say where it stored the data.
-                return match self.runtime.block_on(call.wait()) {
+                let r = self.wait(async move {
+                    client.add_to_store(&a.name, a.method, a.algo, &a.references, a.repair, body).wait().await
+                });
+                return match r {
                     Ok(info) => ok(self.client.store_dir().print(&info.path).into_bytes()),
                     Err(e) => failed(&e),
                 };
@@ -352,7 +408,9 @@ impl DaemonConnection {
             let printed = self.client.store_dir().print(&path);
             let expected = printed.clone();
             let store_dir = self.client.store_dir().clone();
-            let call = call.check(move |info| {
+            let unanswered = Unanswered::new(&self.unanswered);
+            let check = move |info: &rust_store::types::ValidPathInfo| {
+                drop(unanswered);
                 if info.path == path {
                     Ok(())
                 } else {
@@ -362,8 +420,11 @@ impl DaemonConnection {
                         store_dir.print(&info.path)
                     )))
                 }
+            };
+            let r = self.wait(async move {
+                client.add_to_store(&a.name, a.method, a.algo, &a.references, false, body).check(check).send().await
             });
-            match self.runtime.block_on(call.send()) {
+            match r {
                 Ok(()) => ok(printed.into_bytes()),
                 Err(e) => failed(&e),
             }
@@ -371,10 +432,28 @@ impl DaemonConnection {
     }
 
     fn flush(&self) -> Outcome {
-        outcome("flush", || match self.runtime.block_on(self.client.flush()) {
-            Ok(()) => ok(Vec::new()),
-            Err(e) => failed(&e),
+        outcome("flush", || {
+            let client = self.client.clone();
+            match self.wait(async move { client.flush().await }) {
+                Ok(()) => ok(Vec::new()),
+                Err(e) => failed(&e),
+            }
         })
+    }
+
+    fn sync(&self) -> Outcome {
+        if self.unanswered.load(Ordering::SeqCst) == 0 && !self.client.has_unreported_failure() {
+            return ok(Vec::new());
+        }
+        self.flush()
+    }
+
+    /// Runs `fut` on the runtime and waits for it; a lost request is an error.
+    fn wait<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = Result<T, Error>> + Send + 'static,
+    ) -> Result<T, Error> {
+        wait(self.runtime, fut).map_err(Error::InvalidRequest)?
     }
 
     fn stats_json(&self) -> String {

@@ -305,6 +305,12 @@ impl Client {
         self.inner.shared.stats.snapshot()
     }
 
+    /// Whether a request sent without waiting has failed and not been reported yet
+    /// (the next call that waits, or flush, will report it).
+    pub fn has_unreported_failure(&self) -> bool {
+        self.inner.shared.deferred.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.shared.cause.get().is_some()
