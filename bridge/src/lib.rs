@@ -20,6 +20,8 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
+
+use futures::FutureExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -337,13 +339,12 @@ impl DaemonConnection {
             if roots.contains(&path) {
                 return ok(Vec::new());
             }
-            let (client, p) = (self.client.clone(), path.clone());
             let unanswered = Unanswered::new(&self.unanswered);
             let answered = move |_: &()| {
                 drop(unanswered);
                 Ok(())
             };
-            match self.wait(async move { client.add_temp_root(&p).check(answered).send().await }) {
+            match self.client.add_temp_root(&path).check(answered).send_blocking() {
                 Ok(()) => {
                     roots.insert(path);
                     ok(Vec::new())
@@ -358,7 +359,8 @@ impl DaemonConnection {
     fn parse_ca_args(&self, args: &[u8]) -> Result<CaArgs, Error> {
         let ctx = Ctx { version: self.client.version(), store_dir: self.client.store_dir().clone() };
         let mut d = Decoder::from_bytes(args.to_vec(), ctx);
-        self.wait(async move {
+        // Decoding bytes in memory never waits: poll it once, on this thread.
+        let parse = async move {
             let name = d.string().await?;
             let method = d.string().await?;
             let (method, algo) = ContentAddressMethod::parse_with_algo(&method)
@@ -366,7 +368,8 @@ impl DaemonConnection {
             let references = d.get().await?;
             let repair = d.bool().await?;
             Ok(CaArgs { name, method, algo, references, repair })
-        })
+        };
+        parse.now_or_never().unwrap_or_else(|| Err(Error::InvalidRequest("AddToStore arguments are incomplete".into())))
     }
 
     /// The path the daemon will store `data` at, if it can be known beforehand.
@@ -421,10 +424,11 @@ impl DaemonConnection {
                     )))
                 }
             };
-            let r = self.wait(async move {
-                client.add_to_store(&a.name, a.method, a.algo, &a.references, false, body).check(check).send().await
-            });
-            match r {
+            match client
+                .add_to_store(&a.name, a.method, a.algo, &a.references, false, body)
+                .check(check)
+                .send_blocking()
+            {
                 Ok(()) => ok(printed.into_bytes()),
                 Err(e) => failed(&e),
             }

@@ -357,6 +357,23 @@ impl Client {
         Call { client: self, request: Err(e), decode: never::<T>, check: None }
     }
 
+    /// Like [`Client::submit`], for a thread outside the runtime: blocks the thread
+    /// if the queue is full.
+    fn submit_blocking(&self, msg: Message) -> Result<()> {
+        let shared = &self.inner.shared;
+        if shared.cause.get().is_some() {
+            return Err(shared.disconnected());
+        }
+        match self.inner.requests.try_send(msg) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                shared.stats.backpressure();
+                self.inner.requests.blocking_send(msg).map_err(|_| shared.disconnected())
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(shared.disconnected()),
+        }
+    }
+
     /// Hands a message to the writer, waiting for room if the queue is full.
     async fn submit(&self, msg: Message) -> Result<()> {
         let shared = &self.inner.shared;
@@ -440,6 +457,20 @@ impl<'c, T: Send + 'static> Call<'c, T> {
     /// checked; a failure is returned by the next call that waits, or by
     /// [`Client::flush`]. Waits only if the in-flight queue is full.
     pub async fn send(self) -> Result<()> {
+        let (client, msg) = self.deferred()?;
+        client.submit(msg).await
+    }
+
+    /// [`Call::send`] from a thread outside the runtime (no runtime is needed to
+    /// send): blocks the thread only if the in-flight queue is full. Must not be
+    /// called from within the runtime.
+    pub fn send_blocking(self) -> Result<()> {
+        let (client, msg) = self.deferred()?;
+        client.submit_blocking(msg)
+    }
+
+    /// The message that sends this request with nobody waiting for its reply.
+    fn deferred(self) -> Result<(&'c Client, Message)> {
         let request = self.request?;
         let shared = &self.client.inner.shared;
         shared.stats.request(request.op, false);
@@ -449,7 +480,7 @@ impl<'c, T: Send + 'static> Call<'c, T> {
             value: None,
             to: Delivery::Deferred(shared.clone()),
         });
-        self.client.submit(Message::Request { request, reply }).await
+        Ok((self.client, Message::Request { request, reply }))
     }
 }
 
