@@ -67,6 +67,42 @@ pub fn nix_root(nix: Nix) -> PathBuf {
     root
 }
 
+/// The fork's installation prefix inside the trixie root, as the root sees it.
+pub const FORK_PREFIX: &str = "/opt/nix-fork";
+
+/// Whether the fork is built (tools/build-fork). Tests of the fork return early
+/// when it is not, unless NIXRS_REQUIRE_FORK=1 (as CI sets), which makes that a
+/// failure.
+pub fn fork_built() -> bool {
+    let built = nix_root(Nix::V2_26).join(FORK_PREFIX.trim_start_matches('/')).join("bin/nix").exists();
+    if !built {
+        assert!(
+            std::env::var("NIXRS_REQUIRE_FORK").is_err(),
+            "NIXRS_REQUIRE_FORK is set but the fork is not built: run tools/build-fork"
+        );
+        eprintln!("skipped: the fork is not built (tools/build-fork)");
+    }
+    built
+}
+
+/// A non-root user in the trixie root, created if missing; returns its name.
+pub fn client_user() -> &'static str {
+    const USER: &str = "nixbench";
+    let root = nix_root(Nix::V2_26);
+    let exists =
+        Command::new("chroot").arg(&root).args(["/usr/bin/id", USER]).output().is_ok_and(|o| o.status.success());
+    if !exists {
+        let out = Command::new("chroot")
+            .arg(&root)
+            .args(["/usr/sbin/useradd", "--no-create-home", "--uid", "30001", USER])
+            .output()
+            .expect("run useradd");
+        // Another test may have created it meanwhile.
+        assert!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"), "useradd failed");
+    }
+    USER
+}
+
 /// The unpacked Nix 2.26.3 source.
 pub fn nix_source() -> PathBuf {
     nix_root(Nix::V2_26).join("src/nix")
@@ -100,9 +136,20 @@ static COUNTER: AtomicUsize = AtomicUsize::new(0);
 
 impl Daemon {
     pub fn start(nix: Nix, trust: Trust) -> Daemon {
+        Self::start_in(
+            nix,
+            trust,
+            &format!("/tmp/nt-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed)),
+        )
+    }
+
+    /// Like [`Daemon::start`], in a directory of the caller's choice (inside the
+    /// root's /tmp): store paths depend on the store directory, so stores to compare
+    /// path by path must have the same one, one after the other.
+    pub fn start_in(nix: Nix, trust: Trust, dir: &str) -> Daemon {
         init_tracing();
         let root = nix_root(nix);
-        let dir = format!("/tmp/nt-{}-{}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let dir = dir.to_owned();
         let host_dir = root.join(dir.trim_start_matches('/'));
         let _ = std::fs::remove_dir_all(&host_dir);
         for sub in ["store", "var/nix", "var/log/nix", "etc", "home"] {
@@ -223,6 +270,37 @@ impl Daemon {
             .stdin(Stdio::null())
             .output()
             .expect("run a nix command")
+    }
+
+    /// A command inside the root as `user`, a client of this daemon through the
+    /// default store (`auto`, which finds the daemon's socket because the state
+    /// directory is not the user's), with a writable home and extra environment.
+    pub fn command_as(&self, user: &str, env: &[(&str, &str)], args: &[&str]) -> Command {
+        let home = self.host_path(&format!("home-{user}"));
+        if !home.exists() {
+            std::fs::create_dir_all(&home).expect("create the user's home");
+            let chown = Command::new("chroot")
+                .arg(&self.root)
+                .args(["/usr/bin/chown", user, &self.inner_path(&format!("home-{user}"))])
+                .status();
+            assert!(chown.is_ok_and(|s| s.success()), "chown the user's home");
+        }
+        let mut cmd = Command::new("chroot");
+        cmd.arg(format!("--userspec={user}:{user}"))
+            .arg(&self.root)
+            .arg("/usr/bin/env")
+            .arg("-i")
+            .args(Self::env_of(&self.dir))
+            .arg(format!("HOME={}", self.inner_path(&format!("home-{user}"))))
+            .args(env.iter().map(|(k, v)| format!("{k}={v}")))
+            .args(args)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    /// Runs [`Daemon::command_as`] to completion.
+    pub fn run_as(&self, user: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
+        self.command_as(user, env, args).output().expect("run a command as the client user")
     }
 
     /// Like [`Daemon::nix`], returning stdout and panicking on failure.

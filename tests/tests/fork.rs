@@ -1,0 +1,150 @@
+//! The fork (tools/build-fork) as a client of a stock Nix 2.26.3 daemon, run as a
+//! non-root user through the default store, against Debian's stock nix-bin.
+
+use std::collections::BTreeMap;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use rust_store::types::UnkeyedValidPathInfo;
+use rust_store::{Client, StorePath};
+use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, client_user, fork_built};
+
+const WORKLOAD: &str = include_str!("../../bench/workload.nix");
+const SHARED_INPUT: &str = include_str!("../../bench/shared-input.txt");
+
+/// Puts the bundled workload in the daemon's directory; returns its path as Nix sees it.
+fn workload(d: &Daemon) -> String {
+    let dir = d.host_path("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("workload.nix"), WORKLOAD).unwrap();
+    std::fs::write(dir.join("shared-input.txt"), SHARED_INPUT).unwrap();
+    d.inner_path("work/workload.nix")
+}
+
+fn instantiate(d: &Daemon, program: &str, client: &str, n: usize, salt: &str) -> Output {
+    let file = workload(d);
+    let n = n.to_string();
+    d.run_as(
+        client_user(),
+        &[("NIX_DAEMON_CLIENT", client)],
+        &[program, &file, "--arg", "n", &n, "--argstr", "salt", salt],
+    )
+}
+
+fn ok(out: Output, what: &str) -> Vec<String> {
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+}
+
+/// Every valid path of a store with its info and its NAR.
+async fn store_contents(c: &Client) -> BTreeMap<StorePath, (UnkeyedValidPathInfo, Vec<u8>)> {
+    let mut out = BTreeMap::new();
+    for p in c.query_all_valid_paths().await.unwrap() {
+        let mut info = c.query_path_info(&p).await.unwrap().unwrap();
+        info.registration_time = 0;
+        let nar = c.nar_from_path(&p).await.unwrap().0;
+        out.insert(p, (info, nar));
+    }
+    out
+}
+
+/// On the bundled workload the fork prints exactly the .drv paths stock Nix prints,
+/// and every store path it creates has the same NAR (and references, and content
+/// address) as stock's. The two run one after the other, on fresh stores in the
+/// same directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fork_writes_what_stock_writes() {
+    if !fork_built() {
+        return;
+    }
+    let dir = format!("/tmp/nt-equal-{}", std::process::id());
+    let run = |program: &str, client: &str| {
+        let d = Daemon::start_in(Nix::V2_26, Trust::Untrusted, &dir);
+        let paths = ok(instantiate(&d, program, client, 500, "equal"), program);
+        (d, paths)
+    };
+    let (stock_daemon, stock_paths) = run("/usr/bin/nix-instantiate", "cxx");
+    let stock = store_contents(&stock_daemon.connect().await).await;
+    drop(stock_daemon);
+    let (fork_daemon, fork_paths) = run(&format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust");
+    let fork = store_contents(&fork_daemon.connect().await).await;
+
+    assert_eq!(stock_paths.len(), 500);
+    assert!(stock_paths == fork_paths, "the fork printed other .drv paths than stock");
+    let only_stock: Vec<_> = stock.keys().filter(|p| !fork.contains_key(p)).collect();
+    let only_fork: Vec<_> = fork.keys().filter(|p| !stock.contains_key(p)).collect();
+    assert!(only_stock.is_empty() && only_fork.is_empty(), "only stock: {only_stock:?}; only fork: {only_fork:?}");
+    for (p, (info, nar)) in &stock {
+        let (finfo, fnar) = &fork[p];
+        assert!(nar == fnar, "{p}: different NAR");
+        assert_eq!(info, finfo, "{p}: different path info");
+    }
+    // The workload's derivations, their builder scripts, and the shared file.
+    assert_eq!(stock.len(), 1001);
+}
+
+/// The Rust client sends the workload's writes without waiting for them: next to
+/// no blocking waits, and the writes all counted in NIX_SHOW_STATS.
+#[tokio::test]
+async fn fork_pipelines_the_workload() {
+    if !fork_built() {
+        return;
+    }
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let file = workload(&d);
+    let stats = d.inner_path(&format!("home-{}/stats.json", client_user()));
+    let out = d.run_as(
+        client_user(),
+        &[("NIX_DAEMON_CLIENT", "rust"), ("NIX_SHOW_STATS", "1"), ("NIX_SHOW_STATS_PATH", &stats)],
+        &[&format!("{FORK_PREFIX}/bin/nix-instantiate"), &file, "--arg", "n", "1000"],
+    );
+    assert_eq!(ok(out, "fork").len(), 1000);
+    let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let client = &v["daemonClient"];
+    let adds = client["requestsByOp"]["AddToStore"].as_u64().unwrap();
+    // A .drv and a builder script per derivation, and the shared file.
+    assert_eq!(adds, 2001, "{client}");
+    assert!(client["requestsWithoutWaiting"].as_u64().unwrap() >= adds);
+    assert!(client["waits"].as_u64().unwrap() <= 2, "{client}");
+}
+
+/// A daemon that dies in the middle of an evaluation makes the command fail with an
+/// error, as stock Nix does: no hang, no panic.
+#[tokio::test]
+async fn fork_fails_cleanly_when_the_daemon_dies() {
+    if !fork_built() {
+        return;
+    }
+    for (program, client) in
+        [("/usr/bin/nix-instantiate", "cxx"), (&*format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust")]
+    {
+        let mut d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+        let file = workload(&d);
+        let n = "5000";
+        let child = d
+            .command_as(
+                client_user(),
+                &[("NIX_DAEMON_CLIENT", client)],
+                &[program, &file, "--arg", "n", n, "--argstr", "salt", "killed"],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        // Let it get going, then kill the daemon and its connection workers.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.workers().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        let killed = Instant::now();
+        d.kill();
+        let out = child.wait_with_output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{client}: succeeded without its daemon");
+        assert!(killed.elapsed() < Duration::from_secs(10), "{client}: took {:?} to fail", killed.elapsed());
+        assert!(stderr.contains("error"), "{client}: no error message: {stderr}");
+        assert!(!stderr.contains("panicked"), "{client}: {stderr}");
+    }
+}
