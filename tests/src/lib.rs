@@ -85,21 +85,13 @@ pub fn fork_built() -> bool {
     built
 }
 
-/// A non-root user in the trixie root, created if missing; returns its name.
+/// The non-root user `tools/nix-env setup` creates in the trixie root.
 pub fn client_user() -> &'static str {
     const USER: &str = "nixbench";
     let root = nix_root(Nix::V2_26);
     let exists =
         Command::new("chroot").arg(&root).args(["/usr/bin/id", USER]).output().is_ok_and(|o| o.status.success());
-    if !exists {
-        let out = Command::new("chroot")
-            .arg(&root)
-            .args(["/usr/sbin/useradd", "--no-create-home", "--uid", "30001", USER])
-            .output()
-            .expect("run useradd");
-        // Another test may have created it meanwhile.
-        assert!(out.status.success() || String::from_utf8_lossy(&out.stderr).contains("exists"), "useradd failed");
-    }
+    assert!(exists, "the trixie root has no user '{USER}': run `tools/nix-env setup`");
     USER
 }
 
