@@ -357,18 +357,18 @@ impl Client {
         Call { client: self, request: Err(e), decode: never::<T>, check: None }
     }
 
-    /// Like [`Client::submit`], for a thread outside the runtime: blocks the thread
-    /// if the queue is full.
-    fn submit_blocking(&self, msg: Message) -> Result<()> {
+    /// Hands a message to the writer if there is room; gives it back if the queue is
+    /// full.
+    fn try_submit(&self, msg: Message) -> Result<Option<Message>> {
         let shared = &self.inner.shared;
         if shared.cause.get().is_some() {
             return Err(shared.disconnected());
         }
         match self.inner.requests.try_send(msg) {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(None),
             Err(mpsc::error::TrySendError::Full(msg)) => {
                 shared.stats.backpressure();
-                self.inner.requests.blocking_send(msg).map_err(|_| shared.disconnected())
+                Ok(Some(msg))
             }
             Err(mpsc::error::TrySendError::Closed(_)) => Err(shared.disconnected()),
         }
@@ -376,17 +376,18 @@ impl Client {
 
     /// Hands a message to the writer, waiting for room if the queue is full.
     async fn submit(&self, msg: Message) -> Result<()> {
-        let shared = &self.inner.shared;
-        if shared.cause.get().is_some() {
-            return Err(shared.disconnected());
+        match self.try_submit(msg)? {
+            None => Ok(()),
+            Some(msg) => self.inner.requests.send(msg).await.map_err(|_| self.inner.shared.disconnected()),
         }
-        match self.inner.requests.try_send(msg) {
-            Ok(()) => Ok(()),
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                shared.stats.backpressure();
-                self.inner.requests.send(msg).await.map_err(|_| shared.disconnected())
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => Err(shared.disconnected()),
+    }
+
+    /// Like [`Client::submit`], for a thread outside the runtime: blocks the thread
+    /// if the queue is full.
+    fn submit_blocking(&self, msg: Message) -> Result<()> {
+        match self.try_submit(msg)? {
+            None => Ok(()),
+            Some(msg) => self.inner.requests.blocking_send(msg).map_err(|_| self.inner.shared.disconnected()),
         }
     }
 }

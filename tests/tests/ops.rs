@@ -485,34 +485,17 @@ async fn raw_calls_return_exact_result_bytes() {
         f(&mut Encoder::new(&mut buf, &ctx));
         buf
     };
+    let path_arg = |p: &StorePath| {
+        encode(&|e| {
+            e.path(p);
+        })
+    };
     let hello = c.add_text("hello.txt", b"hello\n".to_vec(), &BTreeSet::new()).await.unwrap();
     let absent = c.store_dir().compute_text_path("absent", b"", &BTreeSet::new()).unwrap();
 
     // Several raw calls in flight at once, between typed ones.
-    let info = c
-        .raw_call(
-            Op::QueryPathInfo,
-            None,
-            &encode(&|e| {
-                e.path(&hello.path);
-            }),
-            None,
-        )
-        .start()
-        .await
-        .unwrap();
-    let none = c
-        .raw_call(
-            Op::QueryPathInfo,
-            None,
-            &encode(&|e| {
-                e.path(&absent);
-            }),
-            None,
-        )
-        .start()
-        .await
-        .unwrap();
+    let info = c.raw_call(Op::QueryPathInfo, None, &path_arg(&hello.path), None).start().await.unwrap();
+    let none = c.raw_call(Op::QueryPathInfo, None, &path_arg(&absent), None).start().await.unwrap();
     let typed = c.is_valid_path(&hello.path).start().await.unwrap();
     let add = c
         .raw_call(
@@ -526,18 +509,7 @@ async fn raw_calls_return_exact_result_bytes() {
         .start()
         .await
         .unwrap();
-    let nar = c
-        .raw_call(
-            Op::NarFromPath,
-            None,
-            &encode(&|e| {
-                e.path(&hello.path);
-            }),
-            None,
-        )
-        .start()
-        .await
-        .unwrap();
+    let nar = c.raw_call(Op::NarFromPath, None, &path_arg(&hello.path), None).start().await.unwrap();
     let roots = c.raw_call(Op::FindRoots, None, &[], None).start().await.unwrap();
 
     let decode = |bytes: Vec<u8>| Decoder::from_bytes(bytes, ctx.clone());
@@ -554,17 +526,7 @@ async fn raw_calls_return_exact_result_bytes() {
     assert!(!roots.await.unwrap().is_empty());
 
     // A daemon error through a raw call fails only that call.
-    let e = c
-        .raw_call(
-            Op::EnsurePath,
-            None,
-            &encode(&|e| {
-                e.path(&absent);
-            }),
-            None,
-        )
-        .await
-        .unwrap_err();
+    let e = c.raw_call(Op::EnsurePath, None, &path_arg(&absent), None).await.unwrap_err();
     assert!(e.daemon_error().is_some(), "{e}");
     assert!(c.is_valid_path(&hello.path).await.unwrap());
 }
