@@ -26,7 +26,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use rust_store::codec::{Ctx, Decoder};
+use rust_store::codec::{Ctx, Decoder, Encoder, Version};
 use rust_store::connection::Body;
 use rust_store::hash::{Hash, HashAlgo};
 use rust_store::logger::{Activity, Field, Logger};
@@ -145,25 +145,23 @@ fn guard<T>(what: &str, f: impl FnOnce() -> T) -> Result<T, String> {
     })
 }
 
+/// Encodes with the protocol's plain encodings (integers, strings), which depend on
+/// neither the version nor the store directory.
+fn encode(f: impl FnOnce(&mut Encoder<'_>)) -> Vec<u8> {
+    let ctx = Ctx { version: Version::LATEST, store_dir: StoreDir::default() };
+    let mut out = Vec::new();
+    f(&mut Encoder::new(&mut out, &ctx));
+    out
+}
+
 /// Encodes an error as the daemon does (Nix's `operator << (Sink &, const Error &)`).
 fn encode_error(level: u64, message: &str, traces: &[String]) -> Vec<u8> {
-    fn put_str(out: &mut Vec<u8>, s: &str) {
-        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-        out.extend_from_slice(s.as_bytes());
-        out.extend_from_slice(&[0u8; 8][..(8 - s.len() % 8) % 8]);
-    }
-    let mut out = Vec::new();
-    put_str(&mut out, "Error");
-    out.extend_from_slice(&level.to_le_bytes());
-    put_str(&mut out, "Error");
-    put_str(&mut out, message);
-    out.extend_from_slice(&0u64.to_le_bytes());
-    out.extend_from_slice(&(traces.len() as u64).to_le_bytes());
-    for t in traces {
-        out.extend_from_slice(&0u64.to_le_bytes());
-        put_str(&mut out, t);
-    }
-    out
+    encode(|e| {
+        e.str("Error").u64(level).str("Error").str(message).u64(0).u64(traces.len() as u64);
+        for t in traces {
+            e.u64(0).str(t);
+        }
+    })
 }
 
 fn ok(data: Vec<u8>) -> Outcome {
@@ -201,23 +199,15 @@ fn outcome(what: &str, f: impl FnOnce() -> Outcome) -> Outcome {
 struct CxxLogger;
 
 fn encode_fields(fields: &[Field]) -> Vec<u8> {
-    let mut out = Vec::new();
-    out.extend_from_slice(&(fields.len() as u64).to_le_bytes());
-    for f in fields {
-        match f {
-            Field::Int(i) => {
-                out.extend_from_slice(&0u64.to_le_bytes());
-                out.extend_from_slice(&i.to_le_bytes());
-            }
-            Field::String(s) => {
-                out.extend_from_slice(&1u64.to_le_bytes());
-                out.extend_from_slice(&(s.len() as u64).to_le_bytes());
-                out.extend_from_slice(s.as_bytes());
-                out.extend_from_slice(&[0u8; 8][..(8 - s.len() % 8) % 8]);
-            }
+    encode(|e| {
+        e.u64(fields.len() as u64);
+        for f in fields {
+            match f {
+                Field::Int(i) => e.u64(0).u64(*i),
+                Field::String(s) => e.u64(1).str(s),
+            };
         }
-    }
-    out
+    })
 }
 
 impl Logger for CxxLogger {
