@@ -198,6 +198,31 @@ enum Delivery<T> {
     Caller(oneshot::Sender<Result<T>>),
     /// Nobody waits: a failure is kept for the next call that does.
     Deferred(Arc<Shared>),
+    /// Nobody waits: a handler takes the result, failure included.
+    Handler(OnReply<T>),
+}
+
+/// A handler of a request's result. It is called exactly once: with the result, or
+/// with the connection's failure if the request is dropped unanswered.
+struct OnReply<T> {
+    handler: Option<Box<dyn FnOnce(Result<T>) + Send>>,
+    shared: Arc<Shared>,
+}
+
+impl<T> OnReply<T> {
+    fn call(mut self, result: Result<T>) {
+        if let Some(h) = self.handler.take() {
+            h(result);
+        }
+    }
+}
+
+impl<T> Drop for OnReply<T> {
+    fn drop(&mut self) {
+        if let Some(h) = self.handler.take() {
+            h(Err(self.shared.disconnected()));
+        }
+    }
 }
 
 impl<T: Send + 'static> Reply for Typed<T> {
@@ -228,6 +253,7 @@ impl<T: Send + 'static> Reply for Typed<T> {
                     }
                 }
             }
+            Delivery::Handler(h) => h.call(result),
         }
     }
 }
@@ -311,6 +337,13 @@ impl Client {
         self.inner.shared.deferred.lock().unwrap_or_else(|p| p.into_inner()).is_some()
     }
 
+    /// Where work done on this connection without waiting reports its failures: the
+    /// next call that waits (or [`Client::flush`]) returns them, as if a request sent
+    /// without waiting had failed. Holding it does not keep the connection open.
+    pub fn failure_sink(&self) -> FailureSink {
+        FailureSink(self.inner.shared.clone())
+    }
+
     /// Whether the connection has ended.
     pub fn is_closed(&self) -> bool {
         self.inner.shared.cause.get().is_some()
@@ -392,6 +425,19 @@ impl Client {
     }
 }
 
+/// See [`Client::failure_sink`].
+#[derive(Clone)]
+pub struct FailureSink(Arc<Shared>);
+
+impl FailureSink {
+    pub fn defer(&self, e: Error) {
+        // A broken connection is reported to every later call anyway.
+        if !matches!(e, Error::Disconnected(_)) {
+            self.0.defer(e);
+        }
+    }
+}
+
 /// Connects to a Unix socket, also when its path is longer than a socket address
 /// holds (108 bytes on Linux): then through the open directory, by /proc/self/fd.
 async fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
@@ -468,6 +514,25 @@ impl<'c, T: Send + 'static> Call<'c, T> {
     pub fn send_blocking(self) -> Result<()> {
         let (client, msg) = self.deferred()?;
         client.submit_blocking(msg)
+    }
+
+    /// Sends the request without waiting, and hands its result to `handler` when the
+    /// reply has been read. Unlike [`Call::send`], a failure goes to the handler, not
+    /// to the next call that waits; if the request cannot be sent, or the connection
+    /// ends first, the handler gets that error. The handler runs on the connection's
+    /// reader (or on whichever thread drops the request): it must not block.
+    pub async fn send_then(self, handler: impl FnOnce(Result<T>) + Send + 'static) {
+        let shared = self.client.inner.shared.clone();
+        let on_reply = OnReply { handler: Some(Box::new(handler)), shared: shared.clone() };
+        let request = match self.request {
+            Ok(r) => r,
+            Err(e) => return on_reply.call(Err(e)),
+        };
+        shared.stats.request(request.op, false);
+        let reply =
+            Box::new(Typed { decode: self.decode, check: self.check, value: None, to: Delivery::Handler(on_reply) });
+        // If the message cannot be handed over, dropping it calls the handler.
+        let _ = self.client.submit(Message::Request { request, reply }).await;
     }
 
     /// The message that sends this request with nobody waiting for its reply.
