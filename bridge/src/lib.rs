@@ -6,9 +6,15 @@
 //!
 //! - [`DaemonConnection::add_temp_root`]: sent without waiting, at most once per path
 //!   and connection (temp roots last as long as the connection);
-//! - [`DaemonConnection::add_ca`]: a content-addressed addition whose store path is
-//!   computed here, so the caller gets the path at once while the upload goes out
-//!   behind the requests before it. The daemon's answer is still checked.
+//! - [`DaemonConnection::add_ca`]: a content-addressed addition at a store path C++
+//!   has computed; rust-store's [`Uploads`] roots the path, checks its validity in a
+//!   batch and uploads it only if the daemon lacks it, all behind the caller.
+//!
+//! The sync points, where the daemon has seen every earlier addition: each call that
+//! waits ([`DaemonConnection::call`]) resolves the additions first, so that they are
+//! ahead of it on the connection; [`DaemonConnection::sync`], which C++ calls before
+//! reading the store's files, and [`DaemonConnection::flush`], which it calls when
+//! the store closes, also wait until the uploads are stored.
 //!
 //! Failures come back as an [`ffi::Outcome`] holding an error in the worker protocol's
 //! own error encoding, which C++ rethrows with `readError`, as the C++ client does. A
@@ -18,21 +24,17 @@
 //! Calls block the calling C++ thread; the connection's tasks run on a runtime this
 //! crate owns.
 
-use std::collections::{BTreeSet, HashSet};
 use std::future::Future;
 
-use futures::FutureExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 
-use rust_store::codec::{Ctx, Decoder, Encoder, Version};
+use rust_store::codec::{Ctx, Encoder, Version};
 use rust_store::connection::Body;
-use rust_store::hash::{Hash, HashAlgo};
 use rust_store::logger::{Activity, Field, Logger};
 use rust_store::ops::Op;
-use rust_store::store_path::{ContentAddressMethod, StorePath};
 use rust_store::types::TrustedFlag;
+use rust_store::uploads::{UploadOptions, Uploads};
 use rust_store::{Client, ConnectOptions, Error, StoreDir};
 use tokio::runtime::Runtime;
 
@@ -48,8 +50,9 @@ mod ffi {
         type DaemonConnection;
 
         /// Connects to the daemon's socket and runs the handshake. `store_dir` is
-        /// the store directory paths are printed with.
-        fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>>;
+        /// the store directory paths are printed with; `max_pending_bytes` bounds the
+        /// contents held for additions the daemon has not confirmed yet.
+        fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>>;
 
         /// The negotiated protocol version, as the wire encodes it.
         fn protocol_version(self: &DaemonConnection) -> u64;
@@ -59,7 +62,8 @@ mod ffi {
         fn trusted(self: &DaemonConnection) -> u8;
 
         /// Sends `op` with its encoded arguments (and, if `has_framed`, framed data)
-        /// and waits for its result.
+        /// and waits for its result. Earlier additions are resolved first, so the
+        /// daemon sees them before this request.
         fn call(
             self: &DaemonConnection,
             op: u64,
@@ -69,21 +73,28 @@ mod ffi {
             framed: &[u8],
         ) -> Outcome;
 
+        /// Sends `op` with its encoded arguments without waiting for its result (for
+        /// ops whose result is empty, such as SetOptions); a failure is returned by
+        /// the next call that waits.
+        fn send(self: &DaemonConnection, op: u64, subject: &str, args: &[u8]) -> Outcome;
+
         /// Roots a path for this connection without waiting; repeats are dropped.
         fn add_temp_root(self: &DaemonConnection, path: &str) -> Outcome;
 
-        /// AddToStore for content-addressed data: `args` are the op's encoded
-        /// arguments, `data` its upload. Returns the printed store path. Computes the
-        /// path and does not wait where it can (no repair, text or flat or NAR
-        /// hashing); otherwise waits for the daemon's answer.
-        fn add_ca(self: &DaemonConnection, args: &[u8], data: &[u8]) -> Outcome;
+        /// AddToStore of content-addressed data at `path`, which the caller has
+        /// computed (text, flat or NAR hashing; no repair): `args` are the op's
+        /// encoded arguments, `data` its upload. Does not wait: the path is rooted,
+        /// checked and uploaded only if missing, behind the caller. They are checked
+        /// against `path` if uploaded.
+        fn add_ca(self: &DaemonConnection, path: &str, args: &[u8], data: &[u8]) -> Outcome;
 
-        /// Waits until every request sent has been answered; returns the first
-        /// failure of a request sent without waiting, if any.
+        /// Waits until every addition is stored or known valid and every request
+        /// sent has been answered; returns the first failure of a request sent
+        /// without waiting, if any.
         fn flush(self: &DaemonConnection) -> Outcome;
 
-        /// Like flush, but only if a request sent without waiting is still
-        /// unanswered; otherwise returns at once. For callers about to read the
+        /// Like flush, but only if an addition is not confirmed yet or a failure is
+        /// unreported; otherwise returns at once. For callers about to read the
         /// store's files.
         fn sync(self: &DaemonConnection) -> Outcome;
 
@@ -231,31 +242,11 @@ impl Logger for CxxLogger {
 /// One connection to the daemon, shared by every thread of the C++ store.
 pub struct DaemonConnection {
     client: Client,
+    uploads: Arc<Uploads>,
     runtime: &'static Runtime,
-    /// Paths rooted on this connection so far.
-    temp_roots: Mutex<HashSet<StorePath>>,
-    /// Requests sent without waiting whose reply has not been read yet.
-    unanswered: Arc<AtomicU64>,
 }
 
-/// Counts a request sent without waiting until its reply has been read (or the
-/// request is dropped with the connection).
-struct Unanswered(Arc<AtomicU64>);
-
-impl Unanswered {
-    fn new(count: &Arc<AtomicU64>) -> Unanswered {
-        count.fetch_add(1, Ordering::SeqCst);
-        Unanswered(count.clone())
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
-fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>, String> {
+fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>, String> {
     guard("connect", || {
         let runtime = runtime()?;
         let store_dir = StoreDir::new(store_dir).map_err(|e| e.to_string())?;
@@ -266,25 +257,37 @@ fn connect_daemon(socket: &str, store_dir: &str) -> Result<Box<DaemonConnection>
             settings: None,
             ..ConnectOptions::default()
         };
+        let upload_options = UploadOptions { max_pending_bytes, ..upload_tuning() };
         let socket = socket.to_owned();
-        let client =
-            wait(runtime, async move { Client::connect(socket, options).await })?.map_err(|e| e.to_string())?;
-        Ok(Box::new(DaemonConnection {
-            client,
-            runtime,
-            temp_roots: Mutex::new(HashSet::new()),
-            unanswered: Arc::new(AtomicU64::new(0)),
-        }))
+        let (client, uploads) = wait(runtime, async move {
+            let client = Client::connect(socket, options).await?;
+            let uploads = Uploads::new(client.clone(), upload_options);
+            Ok::<_, Error>((client, uploads))
+        })?
+        .map_err(|e| e.to_string())?;
+        Ok(Box::new(DaemonConnection { client, uploads: Arc::new(uploads), runtime }))
     })?
 }
 
-/// What AddToStore's arguments say, as far as computing the path goes.
-struct CaArgs {
-    name: String,
-    method: ContentAddressMethod,
-    algo: HashAlgo,
-    references: BTreeSet<StorePath>,
-    repair: bool,
+/// Batch sizes of uploads: the measured defaults, unless the environment sets
+/// `NIX_DAEMON_CLIENT_CHECK_BATCH` (most paths per validity check) or
+/// `NIX_DAEMON_CLIENT_BATCH_DELAY_US` (how long a path waits for company).
+fn upload_tuning() -> UploadOptions {
+    let mut o = UploadOptions::default();
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<u64>().ok());
+    if let Some(n) = var("NIX_DAEMON_CLIENT_CHECK_BATCH") {
+        o.check_batch = n.max(1) as usize;
+    }
+    if let Some(us) = var("NIX_DAEMON_CLIENT_BATCH_DELAY_US") {
+        o.batch_delay = std::time::Duration::from_micros(us);
+    }
+    o
+}
+
+/// Parses an op code from C++.
+fn op_of(code: u64) -> Result<Op, Outcome> {
+    Op::from_code(code)
+        .ok_or_else(|| failed_msg(&format!("the Rust daemon client does not implement worker op {code}")))
 }
 
 impl DaemonConnection {
@@ -306,14 +309,32 @@ impl DaemonConnection {
 
     fn call(&self, op: u64, subject: &str, args: &[u8], has_framed: bool, framed: &[u8]) -> Outcome {
         outcome("call", || {
-            let Some(op) = Op::from_code(op) else {
-                return failed_msg(&format!("the Rust daemon client does not implement worker op {op}"));
+            let op = match op_of(op) {
+                Ok(op) => op,
+                Err(o) => return o,
             };
             let subject = (!subject.is_empty()).then(|| subject.to_owned());
             let body = has_framed.then(|| Body::Bytes(framed.to_vec()));
-            let (client, args) = (self.client.clone(), args.to_vec());
-            match self.wait(async move { client.raw_call(op, subject, &args, body).wait().await }) {
+            let (client, uploads, args) = (self.client.clone(), self.uploads.clone(), args.to_vec());
+            match self.wait(async move {
+                uploads.drain().await?;
+                client.raw_call(op, subject, &args, body).wait().await
+            }) {
                 Ok(bytes) => ok(bytes),
+                Err(e) => failed(&e),
+            }
+        })
+    }
+
+    fn send(&self, op: u64, subject: &str, args: &[u8]) -> Outcome {
+        outcome("send", || {
+            let op = match op_of(op) {
+                Ok(op) => op,
+                Err(o) => return o,
+            };
+            let subject = (!subject.is_empty()).then(|| subject.to_owned());
+            match self.client.raw_call(op, subject, args, None).send_blocking() {
+                Ok(()) => ok(Vec::new()),
                 Err(e) => failed(&e),
             }
         })
@@ -325,110 +346,31 @@ impl DaemonConnection {
                 Ok(p) => p,
                 Err(e) => return failed_msg(&e.to_string()),
             };
-            let mut roots = self.temp_roots.lock().unwrap_or_else(|p| p.into_inner());
-            if roots.contains(&path) {
-                return ok(Vec::new());
-            }
-            let unanswered = Unanswered::new(&self.unanswered);
-            let answered = move |_: &()| {
-                drop(unanswered);
-                Ok(())
-            };
-            match self.client.add_temp_root(&path).check(answered).send_blocking() {
-                Ok(()) => {
-                    roots.insert(path);
-                    ok(Vec::new())
-                }
+            match self.uploads.add_temp_root(&path) {
+                Ok(()) => ok(Vec::new()),
                 Err(e) => failed(&e),
             }
         })
     }
 
-    /// Decodes AddToStore's arguments: name, method with algorithm, references,
-    /// repair.
-    fn parse_ca_args(&self, args: &[u8]) -> Result<CaArgs, Error> {
-        let ctx = Ctx { version: self.client.version(), store_dir: self.client.store_dir().clone() };
-        let mut d = Decoder::from_bytes(args.to_vec(), ctx);
-        // Decoding bytes in memory never waits: poll it once, on this thread.
-        let parse = async move {
-            let name = d.string().await?;
-            let method = d.string().await?;
-            let (method, algo) = ContentAddressMethod::parse_with_algo(&method)
-                .map_err(|e| Error::InvalidRequest(format!("AddToStore '{name}': {e}")))?;
-            let references = d.get().await?;
-            let repair = d.bool().await?;
-            Ok(CaArgs { name, method, algo, references, repair })
-        };
-        parse.now_or_never().unwrap_or_else(|| Err(Error::InvalidRequest("AddToStore arguments are incomplete".into())))
-    }
-
-    /// The path the daemon will store `data` at, if it can be known beforehand.
-    fn predict_path(&self, a: &CaArgs, data: &[u8]) -> Option<StorePath> {
-        let store_dir = self.client.store_dir();
-        match a.method {
-            ContentAddressMethod::Text if a.algo == HashAlgo::Sha256 => {
-                store_dir.compute_text_path(&a.name, data, &a.references).ok()
-            }
-            ContentAddressMethod::Flat | ContentAddressMethod::Nar => {
-                let hash = Hash::digest(a.algo, data);
-                store_dir.make_fixed_output_path(&a.name, a.method, &hash, &a.references, false).ok()
-            }
-            _ => None,
-        }
-    }
-
-    fn add_ca(&self, args: &[u8], data: &[u8]) -> Outcome {
+    fn add_ca(&self, path: &str, args: &[u8], data: &[u8]) -> Outcome {
         outcome("add_ca", || {
-            let a = match self.parse_ca_args(args) {
-                Ok(a) => a,
-                Err(e) => return failed(&e),
+            let path = match self.client.store_dir().parse(path) {
+                Ok(p) => p,
+                Err(e) => return failed_msg(&e.to_string()),
             };
-            let body = Body::Bytes(data.to_vec());
-            let predicted = if a.repair { None } else { self.predict_path(&a, data) };
-            let client = self.client.clone();
-            let Some(path) = predicted else {
-                // Wait for the daemon to say where it stored the data.
-                let r = self.wait(async move {
-                    client.add_to_store(&a.name, a.method, a.algo, &a.references, a.repair, body).wait().await
-                });
-                return match r {
-                    Ok(info) => ok(self.client.store_dir().print(&info.path).into_bytes()),
-                    Err(e) => failed(&e),
-                };
-            };
-            // The daemon roots the path itself when it handles the request.
-            self.temp_roots.lock().unwrap_or_else(|p| p.into_inner()).insert(path.clone());
-            let printed = self.client.store_dir().print(&path);
-            let expected = printed.clone();
-            let store_dir = self.client.store_dir().clone();
-            let unanswered = Unanswered::new(&self.unanswered);
-            let check = move |info: &rust_store::types::ValidPathInfo| {
-                drop(unanswered);
-                if info.path == path {
-                    Ok(())
-                } else {
-                    Err(Error::Unexpected(format!(
-                        "the daemon added '{}' as '{}', not at the path computed for it",
-                        expected,
-                        store_dir.print(&info.path)
-                    )))
-                }
-            };
-            match client
-                .add_to_store(&a.name, a.method, a.algo, &a.references, false, body)
-                .check(check)
-                .send_blocking()
-            {
-                Ok(()) => ok(printed.into_bytes()),
-                Err(e) => failed(&e),
-            }
+            self.uploads.add_encoded_blocking(path, args.to_vec(), data.to_vec());
+            ok(Vec::new())
         })
     }
 
     fn flush(&self) -> Outcome {
         outcome("flush", || {
-            let client = self.client.clone();
-            match self.wait(async move { client.flush().await }) {
+            let (client, uploads) = (self.client.clone(), self.uploads.clone());
+            match self.wait(async move {
+                uploads.drain().await?;
+                client.flush().await
+            }) {
                 Ok(()) => ok(Vec::new()),
                 Err(e) => failed(&e),
             }
@@ -436,7 +378,7 @@ impl DaemonConnection {
     }
 
     fn sync(&self) -> Outcome {
-        if self.unanswered.load(Ordering::SeqCst) == 0 && !self.client.has_unreported_failure() {
+        if self.uploads.is_idle() && !self.client.has_unreported_failure() {
             return ok(Vec::new());
         }
         self.flush()
@@ -453,10 +395,27 @@ impl DaemonConnection {
     fn stats_json(&self) -> String {
         guard("stats", || {
             let s = self.client.stats();
+            let u = self.uploads.stats();
             let by_op: Vec<String> = s.requests.iter().map(|(op, n)| format!("\"{op}\":{n}")).collect();
+            let uploads = format!(
+                "{{\"added\":{},\"repeated\":{},\"checked\":{},\"checkBatches\":{},\"skippedValid\":{},\
+                 \"uploaded\":{},\"uploadBatches\":{},\"failed\":{},\"drains\":{},\"memoryWaits\":{},\
+                 \"peakPendingBytes\":{}}}",
+                u.added,
+                u.repeated,
+                u.checked,
+                u.check_batches,
+                u.valid,
+                u.uploaded,
+                u.upload_batches,
+                u.failed,
+                u.drains,
+                u.memory_waits,
+                u.peak_pending_bytes
+            );
             format!(
                 "{{\"requests\":{},\"requestsWithoutWaiting\":{},\"requestsByOp\":{{{}}},\"bytesSent\":{},\
-                 \"bytesReceived\":{},\"waits\":{},\"waitTimeMs\":{:.3},\"backpressureWaits\":{}}}",
+                 \"bytesReceived\":{},\"waits\":{},\"waitTimeMs\":{:.3},\"backpressureWaits\":{},\"uploads\":{}}}",
                 s.total_requests(),
                 s.sent_without_waiting,
                 by_op.join(","),
@@ -464,7 +423,8 @@ impl DaemonConnection {
                 s.bytes_received,
                 s.waits,
                 s.wait_time.as_secs_f64() * 1e3,
-                s.backpressure_waits
+                s.backpressure_waits,
+                uploads
             )
         })
         .unwrap_or_else(|_| "{}".into())

@@ -13,6 +13,8 @@
 //! - [`handshake`]: version negotiation, features, trust, and the daemon's greeting.
 //! - [`connection`]: the pipelining engine: the writer and reader tasks and the reply queue.
 //! - [`ops`]: one method per worker-protocol operation.
+//! - [`uploads`]: content-addressed adds that root, check validity in batches and upload
+//!   only what is missing, without waiting.
 //! - [`hash`], [`base32`], [`store_path`], [`nar`]: the store-path maths done locally.
 //! - [`stats`]: counters a caller can read.
 //! - [`logger`]: where the daemon's log lines and activities go.
@@ -30,6 +32,7 @@ pub mod stats;
 mod stderr;
 pub mod store_path;
 pub mod types;
+pub mod uploads;
 
 pub use connection::{Call, Client, ConnectOptions};
 pub use error::{Error, Result};

@@ -83,8 +83,9 @@ async fn fork_writes_what_stock_writes() {
     assert_eq!(stock.len(), 1001);
 }
 
-/// The Rust client sends the workload's writes without waiting for them: next to
-/// no blocking waits, and the writes all counted in NIX_SHOW_STATS.
+/// The Rust client sends the workload's writes without waiting for them and
+/// uploads only what the daemon lacks: next to no blocking waits; on a fresh store
+/// every path uploaded, in batches; on the second run none, all found valid.
 #[tokio::test]
 async fn fork_pipelines_the_workload() {
     if !fork_built() {
@@ -93,20 +94,42 @@ async fn fork_pipelines_the_workload() {
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let file = workload(&d);
     let stats = d.inner_path(&format!("home-{}/stats.json", client_user()));
-    let out = d.run_as(
-        client_user(),
-        &[("NIX_DAEMON_CLIENT", "rust"), ("NIX_SHOW_STATS", "1"), ("NIX_SHOW_STATS_PATH", &stats)],
-        &[&format!("{FORK_PREFIX}/bin/nix-instantiate"), &file, "--arg", "n", "1000"],
-    );
-    assert_eq!(ok(out, "fork").len(), 1000);
-    let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
-    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-    let client = &v["daemonClient"];
-    let adds = client["requestsByOp"]["AddToStore"].as_u64().unwrap();
+    let run = || {
+        let out = d.run_as(
+            client_user(),
+            &[("NIX_DAEMON_CLIENT", "rust"), ("NIX_SHOW_STATS", "1"), ("NIX_SHOW_STATS_PATH", &stats)],
+            &[&format!("{FORK_PREFIX}/bin/nix-instantiate"), &file, "--arg", "n", "1000"],
+        );
+        let drvs = ok(out, "fork");
+        assert_eq!(drvs.len(), 1000);
+        let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        (drvs, v["daemonClient"].clone())
+    };
+    let count = |v: &serde_json::Value, key: &str| v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"));
     // A .drv and a builder script per derivation, and the shared file.
-    assert_eq!(adds, 2001, "{client}");
-    assert!(client["requestsWithoutWaiting"].as_u64().unwrap() >= adds);
-    assert!(client["waits"].as_u64().unwrap() <= 2, "{client}");
+    let paths = 2001;
+
+    let (first, client) = run();
+    let uploads = &client["uploads"];
+    assert_eq!(count(uploads, "added"), paths, "{client}");
+    assert_eq!(count(uploads, "uploaded"), paths, "{client}");
+    assert_eq!(count(uploads, "skippedValid"), 0, "{client}");
+    assert!(count(uploads, "uploadBatches") < paths / 10, "{client}");
+    assert!(count(uploads, "checkBatches") < paths / 10, "{client}");
+    assert!(count(&client, "waits") + count(uploads, "drains") <= 2, "{client}");
+    assert!(client["requestsByOp"].get("AddToStore").is_none(), "{client}");
+
+    let (second, client) = run();
+    assert_eq!(first, second);
+    let uploads = &client["uploads"];
+    assert_eq!(count(uploads, "skippedValid"), paths, "{client}");
+    assert_eq!(count(uploads, "uploaded"), 0, "{client}");
+    assert!(client["requestsByOp"].get("AddMultipleToStore").is_none(), "{client}");
+    assert!(count(&client, "waits") + count(uploads, "drains") <= 2, "{client}");
+    for drv in &second {
+        assert!(d.real_path(drv).exists(), "{drv} is not in the store");
+    }
 }
 
 /// A daemon that dies in the middle of an evaluation makes the command fail with an

@@ -1,0 +1,717 @@
+//! Content-addressed adds that do no redundant work.
+//!
+//! Evaluation adds many small content-addressed paths (each `.drv`, each
+//! `builtins.toFile`, each path import), and when a commit is evaluated again nearly
+//! all of them are valid already. [`Uploads::add`] computes an add's store path and
+//! returns it at once; behind the caller, a task on the connection
+//!
+//! 1. roots the path for this connection (AddTempRoot, once per path);
+//! 2. asks, for a batch of paths, which are valid (QueryValidPaths);
+//! 3. uploads only the missing ones, in batches (AddMultipleToStore, which the daemon
+//!    accepts from untrusted clients for content-addressed paths; one AddToStore per
+//!    path from daemons older than protocol 1.32).
+//!
+//! Nobody waits for any of it. A path's root is on the connection before its check,
+//! so a path the daemon reports valid stays valid while the connection is open: the
+//! garbage collector cannot take it. A path the collector took before the root
+//! arrived is reported missing and uploaded. Each path's contents are kept until the
+//! daemon has reported it valid or acknowledged its upload; a failed check uploads
+//! the whole batch.
+//!
+//! **Sync points.** A caller about to rely on the daemon having seen the adds (a
+//! request that waits for its answer, a read of the store's files, closing the store)
+//! calls [`Uploads::drain`] first. It sends the open batch at once and returns when
+//! every earlier add is known valid or has its upload on the connection ahead of
+//! whatever the caller sends next. Reading the store's files also needs the uploads
+//! finished: flush the connection after draining.
+//!
+//! **Batches.** A check goes out when it holds [`UploadOptions::check_batch`] paths, when
+//! its first path has waited [`UploadOptions::batch_delay`], when memory runs short,
+//! or at a sync point. The missing paths of one check are uploaded together, split
+//! at [`UploadOptions::upload_batch_bytes`].
+//!
+//! **Memory.** The contents held are bounded by [`UploadOptions::max_pending_bytes`]:
+//! an add that would go over waits until earlier ones are confirmed.
+//!
+//! A failed upload is reported, like any request sent without waiting, by the next
+//! call that waits or by [`Client::flush`].
+
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::time::Instant;
+use tracing::{debug, trace};
+
+use futures::FutureExt;
+
+use crate::codec::{Ctx, Decoder};
+use crate::connection::{Body, FailureSink};
+use crate::error::{Error, Result};
+use crate::hash::{Hash, HashAlgo};
+use crate::nar;
+use crate::store_path::{ContentAddress, ContentAddressMethod, StoreDir};
+use crate::types::{UnkeyedValidPathInfo, ValidPathInfo};
+use crate::{Client, StorePath};
+
+/// Limits and batch sizes of [`Uploads`].
+#[derive(Clone, Debug)]
+pub struct UploadOptions {
+    /// Most bytes of contents held for adds not yet confirmed.
+    pub max_pending_bytes: u64,
+    /// Most paths in one validity check.
+    pub check_batch: usize,
+    /// Longest a path waits for company before its check goes out.
+    pub batch_delay: Duration,
+    /// Most bytes of contents in one upload.
+    pub upload_batch_bytes: usize,
+}
+
+impl Default for UploadOptions {
+    fn default() -> Self {
+        UploadOptions {
+            max_pending_bytes: 256 << 20,
+            check_batch: 256,
+            batch_delay: Duration::from_millis(1),
+            upload_batch_bytes: 4 << 20,
+        }
+    }
+}
+
+/// A content-addressed addition: what AddToStore takes.
+#[derive(Clone, Debug)]
+pub struct CaAdd {
+    pub name: String,
+    pub method: ContentAddressMethod,
+    pub algo: HashAlgo,
+    pub references: BTreeSet<StorePath>,
+    /// The file's contents (text, flat) or the NAR (NAR).
+    pub data: Vec<u8>,
+}
+
+impl CaAdd {
+    /// Where the daemon stores this add, if that is computed here: for text with
+    /// SHA-256, flat files and NARs, with a valid name and references.
+    pub fn path(&self, store_dir: &StoreDir) -> Option<StorePath> {
+        Some(self.info(store_dir)?.0)
+    }
+
+    /// The path and content address of this add, if it is computed here.
+    fn info(&self, store_dir: &StoreDir) -> Option<(StorePath, ContentAddress)> {
+        let ca = match self.method {
+            ContentAddressMethod::Text if self.algo == HashAlgo::Sha256 => {
+                ContentAddress { method: self.method, hash: Hash::digest(HashAlgo::Sha256, &self.data) }
+            }
+            ContentAddressMethod::Flat | ContentAddressMethod::Nar => {
+                ContentAddress { method: self.method, hash: Hash::digest(self.algo, &self.data) }
+            }
+            _ => return None,
+        };
+        let path = store_dir.make_fixed_output_path_from_ca(&self.name, &ca, &self.references, false).ok()?;
+        Some((path, ca))
+    }
+
+    /// Decodes AddToStore's arguments (name, method with algorithm, references, and
+    /// a repair flag that must be off) with `data`, its upload.
+    pub fn decode(args: &[u8], data: Vec<u8>, ctx: &Ctx) -> Result<CaAdd> {
+        let mut d = Decoder::from_bytes(args.to_vec(), ctx.clone());
+        // Decoding bytes in memory never waits: poll it once.
+        let decode = async move {
+            let name = d.string().await?;
+            let method = d.string().await?;
+            let (method, algo) = ContentAddressMethod::parse_with_algo(&method)
+                .map_err(|e| Error::InvalidRequest(format!("AddToStore '{name}': {e}")))?;
+            let references = d.get().await?;
+            if d.bool().await? {
+                return Err(Error::InvalidRequest(format!("AddToStore '{name}': a repair must wait for the daemon")));
+            }
+            Ok(CaAdd { name, method, algo, references, data })
+        };
+        decode
+            .now_or_never()
+            .unwrap_or_else(|| Err(Error::InvalidRequest("AddToStore arguments are incomplete".into())))
+    }
+
+    /// The path's NAR and its info, for AddMultipleToStore.
+    fn into_nar(self, path: StorePath, ca: ContentAddress) -> (ValidPathInfo, Vec<u8>) {
+        let nar = match self.method {
+            ContentAddressMethod::Nar => self.data,
+            _ => nar::dump_flat_file_contents(&self.data),
+        };
+        let mut info = UnkeyedValidPathInfo::new(Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64);
+        info.references = self.references;
+        info.ca = Some(ca);
+        (ValidPathInfo { path, info }, nar)
+    }
+}
+
+/// Counters of [`Uploads`].
+#[derive(Default)]
+struct Counters {
+    added: AtomicU64,
+    repeated: AtomicU64,
+    checked: AtomicU64,
+    check_batches: AtomicU64,
+    valid: AtomicU64,
+    uploaded: AtomicU64,
+    upload_batches: AtomicU64,
+    failed: AtomicU64,
+    drains: AtomicU64,
+    memory_waits: AtomicU64,
+    peak_pending_bytes: AtomicU64,
+}
+
+/// What [`Uploads`] has done so far.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UploadStats {
+    /// Adds taken.
+    pub added: u64,
+    /// Adds of a path already added on this connection: nothing sent.
+    pub repeated: u64,
+    /// Paths whose validity was asked, and in how many requests.
+    pub checked: u64,
+    pub check_batches: u64,
+    /// Paths the daemon had already: not uploaded.
+    pub valid: u64,
+    /// Paths uploaded, and in how many requests.
+    pub uploaded: u64,
+    pub upload_batches: u64,
+    /// Paths whose upload failed.
+    pub failed: u64,
+    /// Sync points that found adds still unresolved and waited for them.
+    pub drains: u64,
+    /// Adds that waited for memory.
+    pub memory_waits: u64,
+    /// The most bytes of contents held at once.
+    pub peak_pending_bytes: u64,
+}
+
+impl fmt::Display for UploadStats {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} adds ({} repeated): {} checked in {} batches, {} already valid, {} uploaded in {} batches, \
+             {} failed; {} drains, {} memory waits, peak {} bytes held",
+            self.added,
+            self.repeated,
+            self.checked,
+            self.check_batches,
+            self.valid,
+            self.uploaded,
+            self.upload_batches,
+            self.failed,
+            self.drains,
+            self.memory_waits,
+            self.peak_pending_bytes
+        )
+    }
+}
+
+/// State shared by the callers and the task.
+struct Shared {
+    options: UploadOptions,
+    /// Paths added on this connection and not failed: a repeated add sends nothing.
+    added: Mutex<HashSet<StorePath>>,
+    /// Paths rooted on this connection.
+    rooted: Mutex<HashSet<StorePath>>,
+    /// Adds not yet in a check, in order; `wake` tells the task when the first
+    /// arrives and when there are enough for a check.
+    open: Mutex<Vec<Item>>,
+    wake: Notify,
+    /// Bytes of contents held; `freed` wakes adds waiting for room.
+    pending_bytes: Mutex<u64>,
+    freed: Notify,
+    /// Adds neither known valid nor with their upload on the connection yet.
+    unresolved: AtomicU64,
+    /// Uploads on the connection, not yet acknowledged.
+    unacknowledged: AtomicU64,
+    counters: Counters,
+}
+
+impl Shared {
+    /// Holds `bytes` of the memory budget if it has room. One add larger than the
+    /// whole budget goes through once nothing else is held.
+    fn try_hold(&self, bytes: u64) -> bool {
+        let mut held = self.pending_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        if *held > 0 && *held + bytes > self.options.max_pending_bytes {
+            return false;
+        }
+        *held += bytes;
+        self.counters.peak_pending_bytes.fetch_max(*held, Relaxed);
+        true
+    }
+
+    fn release(&self, bytes: u64) {
+        if bytes == 0 {
+            return;
+        }
+        let mut held = self.pending_bytes.lock().unwrap_or_else(|p| p.into_inner());
+        *held = held.saturating_sub(bytes);
+        drop(held);
+        self.freed.notify_waiters();
+    }
+}
+
+enum Command {
+    /// Send the open batch now (an add is waiting for memory).
+    SendNow,
+    /// Answer once every earlier add is resolved.
+    Drain(oneshot::Sender<()>),
+}
+
+/// An add on its way through the task.
+struct Item {
+    path: StorePath,
+    contents: Contents,
+}
+
+/// What an add holds until the daemon has confirmed its path.
+enum Contents {
+    /// Decoded, with its content address computed.
+    Decoded(CaAdd, ContentAddress),
+    /// AddToStore's encoded arguments and its data, decoded only if uploaded.
+    Encoded { args: Vec<u8>, data: Vec<u8> },
+}
+
+impl Item {
+    fn bytes(&self) -> u64 {
+        match &self.contents {
+            Contents::Decoded(add, _) => add.data.len() as u64,
+            Contents::Encoded { args, data } => (args.len() + data.len()) as u64,
+        }
+    }
+
+    /// The add and its content address, checked against the path it was added at.
+    fn decode(self, ctx: &Ctx) -> Result<(StorePath, CaAdd, ContentAddress)> {
+        let (add, ca) = match self.contents {
+            Contents::Decoded(add, ca) => (add, ca),
+            Contents::Encoded { args, data } => {
+                let add = CaAdd::decode(&args, data, ctx)?;
+                match add.info(&ctx.store_dir) {
+                    Some((path, ca)) if path == self.path => (add, ca),
+                    _ => {
+                        return Err(Error::InvalidRequest(format!(
+                            "'{}' was added at '{}', which is not the path of its contents",
+                            add.name,
+                            ctx.store_dir.print(&self.path)
+                        )));
+                    }
+                }
+            }
+        };
+        Ok((self.path, add, ca))
+    }
+}
+
+enum Event {
+    Checked(u64, Result<BTreeSet<StorePath>>),
+    Stored(u64, bool),
+}
+
+/// Content-addressed adds on one connection: see the module documentation.
+pub struct Uploads {
+    client: Client,
+    commands: mpsc::UnboundedSender<Command>,
+    shared: Arc<Shared>,
+}
+
+impl Uploads {
+    /// Starts the task that serves adds on `client`'s connection. Must be called
+    /// within a Tokio runtime.
+    pub fn new(client: Client, options: UploadOptions) -> Uploads {
+        let shared = Arc::new(Shared {
+            options,
+            added: Mutex::default(),
+            rooted: Mutex::default(),
+            open: Mutex::default(),
+            wake: Notify::new(),
+            pending_bytes: Mutex::new(0),
+            freed: Notify::new(),
+            unresolved: AtomicU64::new(0),
+            unacknowledged: AtomicU64::new(0),
+            counters: Counters::default(),
+        });
+        let (commands, inbox) = mpsc::unbounded_channel();
+        let (events_tx, events) = mpsc::unbounded_channel();
+        let task = Task {
+            client: client.clone(),
+            failures: client.failure_sink(),
+            shared: shared.clone(),
+            inbox,
+            events,
+            events_tx,
+            deadline: None,
+            checks: VecDeque::new(),
+            next_id: 0,
+            drains: VecDeque::new(),
+            uploads: HashMap::new(),
+        };
+        tokio::spawn(task.run());
+        Uploads { client, commands, shared }
+    }
+
+    /// Adds `add` and returns its store path without waiting for the daemon. Waits
+    /// only while memory for contents is short. An add whose path is not computed
+    /// here (see [`CaAdd::path`]) is given back: send it as a request that waits,
+    /// after [`Uploads::drain`].
+    pub async fn add(&self, add: CaAdd) -> std::result::Result<StorePath, CaAdd> {
+        let Some((path, ca)) = add.info(self.client.store_dir()) else { return Err(add) };
+        let item = Item { path: path.clone(), contents: Contents::Decoded(add, ca) };
+        if let Some(item) = self.try_push(item) {
+            self.reserve(item.bytes()).await;
+            self.push(item);
+        }
+        Ok(path)
+    }
+
+    /// Adds, without waiting, an add whose path the caller computed: AddToStore's
+    /// encoded arguments (the repair flag off) and its data. They are decoded only
+    /// if the path must be uploaded, and then checked against `path`; a mismatch
+    /// fails like a failed upload. Blocks the calling thread (outside the runtime)
+    /// only while memory for contents is short.
+    pub fn add_encoded_blocking(&self, path: StorePath, args: Vec<u8>, data: Vec<u8>) {
+        let item = Item { path, contents: Contents::Encoded { args, data } };
+        if let Some(item) = self.try_push(item) {
+            futures::executor::block_on(self.reserve(item.bytes()));
+            self.push(item);
+        }
+    }
+
+    /// Takes `item` if nothing is to be sent for it (its path was added before) or
+    /// memory is there for it; otherwise gives it back, to wait for memory.
+    fn try_push(&self, item: Item) -> Option<Item> {
+        let c = &self.shared.counters;
+        if !self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).insert(item.path.clone()) {
+            c.added.fetch_add(1, Relaxed);
+            c.repeated.fetch_add(1, Relaxed);
+            return None;
+        }
+        if !self.shared.try_hold(item.bytes()) {
+            return Some(item);
+        }
+        self.push(item);
+        None
+    }
+
+    /// Puts an item whose memory is held into the open batch.
+    fn push(&self, item: Item) {
+        self.shared.unresolved.fetch_add(1, Relaxed);
+        self.shared.counters.added.fetch_add(1, Relaxed);
+        let wake = {
+            let mut open = self.shared.open.lock().unwrap_or_else(|p| p.into_inner());
+            open.push(item);
+            open.len() == 1 || open.len() >= self.shared.options.check_batch
+        };
+        // The task needs to know only when a batch starts and when it is full.
+        if wake {
+            self.shared.wake.notify_one();
+        }
+    }
+
+    /// Roots `path` for this connection without waiting, once.
+    pub fn add_temp_root(&self, path: &StorePath) -> Result<()> {
+        let mut rooted = self.shared.rooted.lock().unwrap_or_else(|p| p.into_inner());
+        if rooted.contains(path) {
+            return Ok(());
+        }
+        self.client.add_temp_root(path).send_blocking()?;
+        rooted.insert(path.clone());
+        Ok(())
+    }
+
+    /// Returns once every add made before is known valid or has its upload on the
+    /// connection, so that whatever the caller sends next is behind it. At once if
+    /// there is nothing to resolve.
+    pub async fn drain(&self) -> Result<()> {
+        if self.shared.unresolved.load(Relaxed) == 0 {
+            return Ok(());
+        }
+        self.shared.counters.drains.fetch_add(1, Relaxed);
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(Command::Drain(tx)).map_err(|_| self.stopped())?;
+        rx.await.map_err(|_| self.stopped())
+    }
+
+    /// The task stops only when the last handle is dropped; if it has stopped
+    /// anyway, adds are lost, and that must not pass silently.
+    fn stopped(&self) -> Error {
+        Error::InvalidRequest(format!(
+            "the daemon client's upload task has stopped with {} additions unsent",
+            self.shared.unresolved.load(Relaxed)
+        ))
+    }
+
+    /// Whether nothing is left to do: every add is valid or its upload acknowledged.
+    pub fn is_idle(&self) -> bool {
+        self.shared.unresolved.load(Relaxed) == 0 && self.shared.unacknowledged.load(Relaxed) == 0
+    }
+
+    pub fn stats(&self) -> UploadStats {
+        let c = &self.shared.counters;
+        UploadStats {
+            added: c.added.load(Relaxed),
+            repeated: c.repeated.load(Relaxed),
+            checked: c.checked.load(Relaxed),
+            check_batches: c.check_batches.load(Relaxed),
+            valid: c.valid.load(Relaxed),
+            uploaded: c.uploaded.load(Relaxed),
+            upload_batches: c.upload_batches.load(Relaxed),
+            failed: c.failed.load(Relaxed),
+            drains: c.drains.load(Relaxed),
+            memory_waits: c.memory_waits.load(Relaxed),
+            peak_pending_bytes: c.peak_pending_bytes.load(Relaxed),
+        }
+    }
+
+    /// Holds `bytes` of the memory budget, waiting while it is spent.
+    async fn reserve(&self, bytes: u64) {
+        let shared = &self.shared;
+        shared.counters.memory_waits.fetch_add(1, Relaxed);
+        trace!(bytes, "waiting for memory for uploads");
+        loop {
+            let freed = shared.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if shared.try_hold(bytes) {
+                return;
+            }
+            let _ = self.commands.send(Command::SendNow);
+            if self.client.is_closed() {
+                // Nothing will be freed by replies any more: go on, the add fails later.
+                *shared.pending_bytes.lock().unwrap_or_else(|p| p.into_inner()) += bytes;
+                return;
+            }
+            freed.await;
+        }
+    }
+}
+
+/// The task that roots, checks and uploads, in the order adds came.
+struct Task {
+    client: Client,
+    failures: FailureSink,
+    shared: Arc<Shared>,
+    inbox: mpsc::UnboundedReceiver<Command>,
+    events: mpsc::UnboundedReceiver<Event>,
+    /// Given to reply handlers; also keeps `events` open.
+    events_tx: mpsc::UnboundedSender<Event>,
+    /// When the open batch must go.
+    deadline: Option<Instant>,
+    /// Checks on the connection, in order, with their items.
+    checks: VecDeque<(u64, Vec<Item>)>,
+    next_id: u64,
+    /// Drains waiting for every check up to an id.
+    drains: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Uploads on the connection: their paths and bytes held.
+    uploads: HashMap<u64, (Vec<StorePath>, u64)>,
+}
+
+impl Task {
+    async fn run(mut self) {
+        let mut open = true;
+        while open || self.unsent() > 0 || !self.checks.is_empty() || !self.uploads.is_empty() {
+            let deadline = self.deadline;
+            tokio::select! {
+                command = self.inbox.recv(), if open => match command {
+                    Some(Command::SendNow) => self.send_check().await,
+                    Some(Command::Drain(tx)) => {
+                        self.send_check().await;
+                        match self.checks.back() {
+                            Some((id, _)) => self.drains.push_back((*id, tx)),
+                            None => { let _ = tx.send(()); }
+                        }
+                    }
+                    // Every handle is gone: finish what was added.
+                    None => {
+                        open = false;
+                        self.send_check().await;
+                    }
+                },
+                () = self.shared.wake.notified() => {
+                    let unsent = self.unsent();
+                    if unsent >= self.shared.options.check_batch {
+                        self.send_check().await;
+                    } else if unsent > 0 && self.deadline.is_none() {
+                        self.deadline = Some(Instant::now() + self.shared.options.batch_delay);
+                    }
+                }
+                Some(event) = self.events.recv() => match event {
+                    Event::Checked(id, result) => self.checked(id, result).await,
+                    Event::Stored(id, ok) => self.stored(id, ok),
+                },
+                () = sleep_until(deadline), if deadline.is_some() => self.send_check().await,
+            }
+        }
+        trace!("upload task stopped");
+    }
+
+    /// How many adds wait in the open batch.
+    fn unsent(&self) -> usize {
+        self.shared.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Roots the open batch's paths and sends its validity check behind the roots.
+    async fn send_check(&mut self) {
+        self.deadline = None;
+        let items = std::mem::take(&mut *self.shared.open.lock().unwrap_or_else(|p| p.into_inner()));
+        if items.is_empty() {
+            return;
+        }
+        let unrooted: Vec<StorePath> = {
+            let mut rooted = self.shared.rooted.lock().unwrap_or_else(|p| p.into_inner());
+            items.iter().filter(|i| rooted.insert(i.path.clone())).map(|i| i.path.clone()).collect()
+        };
+        for path in &unrooted {
+            // A failure here is the connection's: the check behind it fails too.
+            let _ = self.client.add_temp_root(path).send().await;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let paths: BTreeSet<StorePath> = items.iter().map(|i| i.path.clone()).collect();
+        let c = &self.shared.counters;
+        c.checked.fetch_add(paths.len() as u64, Relaxed);
+        c.check_batches.fetch_add(1, Relaxed);
+        trace!(id, paths = paths.len(), "check");
+        self.checks.push_back((id, items));
+        let events = self.events_tx.clone();
+        self.client
+            .query_valid_paths(&paths, false)
+            .send_then(move |r| {
+                let _ = events.send(Event::Checked(id, r));
+            })
+            .await;
+    }
+
+    /// A check's answer: forget the valid paths' contents, upload the others.
+    async fn checked(&mut self, id: u64, result: Result<BTreeSet<StorePath>>) {
+        let Some((first, items)) = self.checks.pop_front() else { return };
+        debug_assert_eq!(first, id, "checks are answered in order");
+        let (valid, missing): (Vec<Item>, Vec<Item>) = match result {
+            Ok(valid) => items.into_iter().partition(|i| valid.contains(&i.path)),
+            Err(e) => {
+                // Upload them all: the daemon skips what it has.
+                debug!("validity check failed, uploading its {} paths: {e}", items.len());
+                (Vec::new(), items)
+            }
+        };
+        let freed: u64 = valid.iter().map(Item::bytes).sum();
+        self.shared.counters.valid.fetch_add(valid.len() as u64, Relaxed);
+        self.shared.unresolved.fetch_sub(valid.len() as u64, Relaxed);
+        self.shared.release(freed);
+        self.upload(missing).await;
+        while self.drains.front().is_some_and(|(upto, _)| *upto <= id) {
+            if let Some((_, tx)) = self.drains.pop_front() {
+                let _ = tx.send(());
+            }
+        }
+    }
+
+    /// Sends uploads of `items`, in order, in batches.
+    async fn upload(&mut self, items: Vec<Item>) {
+        let batched = self.client.version().at_least(32);
+        let limit = if batched { self.shared.options.upload_batch_bytes as u64 } else { 0 };
+        let mut batch = Vec::new();
+        let mut size = 0u64;
+        for item in items {
+            if !batch.is_empty() && size + item.bytes() > limit {
+                self.send_upload(std::mem::take(&mut batch)).await;
+                size = 0;
+            }
+            size += item.bytes();
+            batch.push(item);
+        }
+        if !batch.is_empty() {
+            self.send_upload(batch).await;
+        }
+    }
+
+    async fn send_upload(&mut self, items: Vec<Item>) {
+        let ctx = Ctx { version: self.client.version(), store_dir: self.client.store_dir().clone() };
+        let mut decoded = Vec::with_capacity(items.len());
+        let mut bytes = 0;
+        for item in items {
+            let size = item.bytes();
+            match item.decode(&ctx) {
+                Ok(d) => {
+                    bytes += size;
+                    decoded.push(d);
+                }
+                Err(e) => {
+                    // Nothing was sent for it: fail it as if its upload had failed.
+                    self.failures.defer(e);
+                    self.shared.counters.failed.fetch_add(1, Relaxed);
+                    self.shared.unresolved.fetch_sub(1, Relaxed);
+                    self.shared.release(size);
+                }
+            }
+        }
+        if decoded.is_empty() {
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        let n = decoded.len() as u64;
+        let paths: Vec<StorePath> = decoded.iter().map(|(path, ..)| path.clone()).collect();
+        self.uploads.insert(id, (paths, bytes));
+        let c = &self.shared.counters;
+        c.uploaded.fetch_add(n, Relaxed);
+        c.upload_batches.fetch_add(1, Relaxed);
+        self.shared.unacknowledged.fetch_add(1, Relaxed);
+        trace!(id, paths = n, bytes, "upload");
+        let (events, failures) = (self.events_tx.clone(), self.failures.clone());
+        // Reported here, on the reader, so that the call that waits next sees it.
+        let done = move |r: Result<()>| {
+            let ok = r.is_ok();
+            if let Err(e) = r {
+                failures.defer(e);
+            }
+            let _ = events.send(Event::Stored(id, ok));
+        };
+        if self.client.version().at_least(32) {
+            let nars: Vec<(ValidPathInfo, Vec<u8>)> =
+                decoded.into_iter().map(|(path, add, ca)| add.into_nar(path, ca)).collect();
+            self.client.add_multiple_to_store(&nars, false, false).send_then(done).await;
+        } else {
+            let [(path, add, _)] = <[_; 1]>::try_from(decoded).unwrap_or_else(|_| unreachable!("one path per upload"));
+            let printed = self.client.store_dir().print(&path);
+            let check = move |info: &ValidPathInfo| {
+                if info.path == path {
+                    Ok(())
+                } else {
+                    Err(Error::Unexpected(format!("the daemon added '{printed}' at another path")))
+                }
+            };
+            self.client
+                .add_to_store(&add.name, add.method, add.algo, &add.references, false, Body::Bytes(add.data))
+                .check(check)
+                .send_then(move |r| done(r.map(|_| ())))
+                .await;
+        }
+        self.shared.unresolved.fetch_sub(n, Relaxed);
+    }
+
+    /// An upload's acknowledgement: forget its contents.
+    fn stored(&mut self, id: u64, ok: bool) {
+        let Some((paths, bytes)) = self.uploads.remove(&id) else { return };
+        self.shared.unacknowledged.fetch_sub(1, Relaxed);
+        if !ok {
+            self.shared.counters.failed.fetch_add(paths.len() as u64, Relaxed);
+            // Let a later add of these paths try again.
+            let mut added = self.shared.added.lock().unwrap_or_else(|p| p.into_inner());
+            for p in &paths {
+                added.remove(p);
+            }
+        }
+        self.shared.release(bytes);
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
