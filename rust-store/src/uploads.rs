@@ -36,7 +36,7 @@
 //! A failed upload is reported, like any request sent without waiting, by the next
 //! call that waits or by [`Client::flush`].
 
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
@@ -306,10 +306,8 @@ impl Item {
     }
 }
 
-enum Event {
-    Checked(u64, Result<BTreeSet<StorePath>>),
-    Stored(u64, bool),
-}
+/// A validity check's answer, by the check's id.
+struct Checked(u64, Result<BTreeSet<StorePath>>);
 
 /// Content-addressed adds on one connection: see the module documentation.
 pub struct Uploads {
@@ -347,7 +345,6 @@ impl Uploads {
             checks: VecDeque::new(),
             next_id: 0,
             drains: VecDeque::new(),
-            uploads: HashMap::new(),
         };
         tokio::spawn(task.run());
         Uploads { client, commands, shared }
@@ -495,9 +492,9 @@ struct Task {
     failures: FailureSink,
     shared: Arc<Shared>,
     inbox: mpsc::UnboundedReceiver<Command>,
-    events: mpsc::UnboundedReceiver<Event>,
+    events: mpsc::UnboundedReceiver<Checked>,
     /// Given to reply handlers; also keeps `events` open.
-    events_tx: mpsc::UnboundedSender<Event>,
+    events_tx: mpsc::UnboundedSender<Checked>,
     /// When the open batch must go.
     deadline: Option<Instant>,
     /// Checks on the connection, in order, with their items.
@@ -505,14 +502,13 @@ struct Task {
     next_id: u64,
     /// Drains waiting for every check up to an id.
     drains: VecDeque<(u64, oneshot::Sender<()>)>,
-    /// Uploads on the connection: their paths and bytes held.
-    uploads: HashMap<u64, (Vec<StorePath>, u64)>,
 }
 
 impl Task {
     async fn run(mut self) {
         let mut open = true;
-        while open || self.unsent() > 0 || !self.checks.is_empty() || !self.uploads.is_empty() {
+        // Uploads in flight need no task: their replies' handlers finish them.
+        while open || self.unsent() > 0 || !self.checks.is_empty() {
             let deadline = self.deadline;
             tokio::select! {
                 command = self.inbox.recv(), if open => match command {
@@ -538,10 +534,7 @@ impl Task {
                         self.deadline = Some(Instant::now() + self.shared.options.batch_delay);
                     }
                 }
-                Some(event) = self.events.recv() => match event {
-                    Event::Checked(id, result) => self.checked(id, result).await,
-                    Event::Stored(id, ok) => self.stored(id, ok),
-                },
+                Some(Checked(id, result)) = self.events.recv() => self.checked(id, result).await,
                 () = sleep_until(deadline), if deadline.is_some() => self.send_check().await,
             }
         }
@@ -580,7 +573,7 @@ impl Task {
         self.client
             .query_valid_paths(&paths, false)
             .send_then(move |r| {
-                let _ = events.send(Event::Checked(id, r));
+                let _ = events.send(Checked(id, r));
             })
             .await;
     }
@@ -651,24 +644,28 @@ impl Task {
         if decoded.is_empty() {
             return;
         }
-        let id = self.next_id;
-        self.next_id += 1;
         let n = decoded.len() as u64;
         let paths: Vec<StorePath> = decoded.iter().map(|(path, ..)| path.clone()).collect();
-        self.uploads.insert(id, (paths, bytes));
         let c = &self.shared.counters;
         c.uploaded.fetch_add(n, Relaxed);
         c.upload_batches.fetch_add(1, Relaxed);
         self.shared.unacknowledged.fetch_add(1, Relaxed);
-        trace!(id, paths = n, bytes, "upload");
-        let (events, failures) = (self.events_tx.clone(), self.failures.clone());
-        // Reported here, on the reader, so that the call that waits next sees it.
+        trace!(paths = n, bytes, "upload");
+        let (shared, failures) = (self.shared.clone(), self.failures.clone());
+        // Runs on the reader, before the next reply is delivered, so that the call
+        // that waits next sees the failure and the counters are up to date.
         let done = move |r: Result<()>| {
-            let ok = r.is_ok();
             if let Err(e) = r {
                 failures.defer(e);
+                shared.counters.failed.fetch_add(paths.len() as u64, Relaxed);
+                // Let a later add of these paths try again.
+                let mut added = shared.added.lock().unwrap_or_else(|p| p.into_inner());
+                for p in &paths {
+                    added.remove(p);
+                }
             }
-            let _ = events.send(Event::Stored(id, ok));
+            shared.release(bytes);
+            shared.unacknowledged.fetch_sub(1, Relaxed);
         };
         if self.client.version().at_least(32) {
             let nars: Vec<(ValidPathInfo, Vec<u8>)> =
@@ -691,21 +688,6 @@ impl Task {
                 .await;
         }
         self.shared.unresolved.fetch_sub(n, Relaxed);
-    }
-
-    /// An upload's acknowledgement: forget its contents.
-    fn stored(&mut self, id: u64, ok: bool) {
-        let Some((paths, bytes)) = self.uploads.remove(&id) else { return };
-        self.shared.unacknowledged.fetch_sub(1, Relaxed);
-        if !ok {
-            self.shared.counters.failed.fetch_add(paths.len() as u64, Relaxed);
-            // Let a later add of these paths try again.
-            let mut added = self.shared.added.lock().unwrap_or_else(|p| p.into_inner());
-            for p in &paths {
-                added.remove(p);
-            }
-        }
-        self.shared.release(bytes);
     }
 }
 

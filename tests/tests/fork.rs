@@ -171,3 +171,103 @@ async fn fork_fails_cleanly_when_the_daemon_dies() {
         assert!(!stderr.contains("panicked"), "{client}: {stderr}");
     }
 }
+
+/// Every path a run printed, with its closure, is valid in the daemon's store (a
+/// `nix-store --check-validity` of the whole closure).
+fn assert_closure_valid(d: &Daemon, drvs: &[String]) {
+    let mut args = vec!["nix-store", "-qR"];
+    args.extend(drvs.iter().map(String::as_str));
+    let closure = d.nix_ok(&args);
+    let closure: Vec<&str> = closure.lines().collect();
+    assert!(closure.len() > drvs.len(), "the closure of {} drvs has {} paths", drvs.len(), closure.len());
+    let mut args = vec!["nix-store", "--check-validity"];
+    args.extend(closure.iter().copied());
+    d.nix_ok(&args);
+    for p in &closure {
+        assert!(d.real_path(p).exists(), "{p} is valid but not on disk");
+    }
+}
+
+/// The garbage collector running in a loop while the Rust client evaluates the
+/// workload with `--add-root`, a third of whose paths are already in the store
+/// (unrooted, so garbage) and the rest new: every .drv it printed, and its whole
+/// closure, is valid afterwards.
+#[test]
+fn garbage_collection_during_evaluation_keeps_what_it_printed() {
+    if !fork_built() {
+        return;
+    }
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let file = workload(&d);
+    ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 500, "gc"), "stock");
+    let root = d.inner_path(&format!("home-{}/result", client_user()));
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (out, collections) = std::thread::scope(|s| {
+        let gc = s.spawn(|| {
+            let mut runs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                d.nix_ok(&["nix-store", "--gc"]);
+                runs += 1;
+            }
+            runs
+        });
+        // Let the first collection start, then evaluate.
+        std::thread::sleep(Duration::from_millis(100));
+        let out = d.run_as(
+            client_user(),
+            &[("NIX_DAEMON_CLIENT", "rust")],
+            &[
+                &format!("{FORK_PREFIX}/bin/nix-instantiate"),
+                &file,
+                "--arg",
+                "n",
+                "1500",
+                "--argstr",
+                "salt",
+                "gc",
+                "--add-root",
+                &root,
+            ],
+        );
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (out, gc.join().unwrap())
+    });
+    let links = ok(out, "fork with --add-root");
+    assert_eq!(links.len(), 1500);
+    assert!(collections >= 2, "the collector ran only {collections} times");
+    // Once more, now that the evaluation's temporary roots are gone.
+    d.nix_ok(&["nix-store", "--gc"]);
+    let drvs: Vec<String> =
+        links.iter().map(|l| std::fs::read_link(d.real_path(l)).unwrap().to_string_lossy().into_owned()).collect();
+    assert!(drvs.iter().all(|p| p.ends_with(".drv")), "{:?}", &drvs[..3]);
+    assert_closure_valid(&d, &drvs);
+}
+
+/// Eight evaluations of the same workload at once against one daemon, all with the
+/// Rust client: the same output from each, no error, and everything valid.
+#[test]
+fn eight_evaluations_at_once() {
+    if !fork_built() {
+        return;
+    }
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let file = workload(&d);
+    let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let children: Vec<_> = (0..8)
+        .map(|_| {
+            d.command_as(
+                client_user(),
+                &[("NIX_DAEMON_CLIENT", "rust")],
+                &[&program, &file, "--arg", "n", "1000", "--argstr", "salt", "eight"],
+            )
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+        })
+        .collect();
+    let outputs: Vec<Vec<String>> = children.into_iter().map(|c| ok(c.wait_with_output().unwrap(), "fork")).collect();
+    assert_eq!(outputs[0].len(), 1000);
+    assert!(outputs.iter().all(|o| *o == outputs[0]), "the eight evaluations printed different paths");
+    assert_closure_valid(&d, &outputs[0]);
+}
