@@ -3,7 +3,9 @@
 //! Evaluation adds many small content-addressed paths (each `.drv`, each
 //! `builtins.toFile`, each path import), and when a commit is evaluated again nearly
 //! all of them are valid already. [`Uploads::add`] computes an add's store path and
-//! returns it at once; behind the caller, a task on the connection
+//! returns it at once ([`Uploads::add_encoded_blocking`] takes a path the caller has
+//! computed, and decodes the add only if it must be uploaded); behind the caller, a
+//! task on the connection
 //!
 //! 1. roots the path for this connection (AddTempRoot, once per path);
 //! 2. asks, for a batch of paths, which are valid (QueryValidPaths);
@@ -28,7 +30,9 @@
 //! **Batches.** A check goes out when it holds [`UploadOptions::check_batch`] paths, when
 //! its first path has waited [`UploadOptions::batch_delay`], when memory runs short,
 //! or at a sync point. The missing paths of one check are uploaded together, split
-//! at [`UploadOptions::upload_batch_bytes`].
+//! at [`UploadOptions::upload_batch_bytes`]. On the benchmark, 256 paths or 1 ms and
+//! 1,024 paths or 5 ms gave the same times: the daemon's cost per checked path barely
+//! depends on the batch size beyond a hundred or so (`daemon-cost`).
 //!
 //! **Memory.** The contents held are bounded by [`UploadOptions::max_pending_bytes`]:
 //! an add that would go over waits until earlier ones are confirmed.
