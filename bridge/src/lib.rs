@@ -27,7 +27,7 @@
 use std::future::Future;
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 
 use rust_store::codec::{Ctx, Encoder, Version};
 use rust_store::connection::Body;
@@ -244,6 +244,47 @@ pub struct DaemonConnection {
     client: Client,
     uploads: Arc<Uploads>,
     runtime: &'static Runtime,
+    /// Keeps this connection in [`LIVE`] while it exists.
+    _live: Arc<Live>,
+}
+
+/// What [`flush_at_exit`] needs of a connection.
+type Live = (Client, Arc<Uploads>);
+
+/// The connections that exist, for [`flush_at_exit`].
+static LIVE: Mutex<Vec<Weak<Live>>> = Mutex::new(Vec::new());
+
+/// Flushes every connection still open when the process exits, so that adds made
+/// without waiting reach the daemon even if their store is never destroyed (a
+/// program on the C API that exits holding it, say). A failure is reported as the
+/// store's destructor reports one: on stderr, with exit status 1.
+extern "C" fn flush_at_exit() {
+    let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let Ok(runtime) = runtime() else { return };
+    for conn in live {
+        let (client, uploads) = (conn.0.clone(), conn.1.clone());
+        let r = wait(runtime, async move {
+            uploads.drain().await?;
+            client.flush().await
+        });
+        if let Ok(Err(e)) = r {
+            eprintln!("error: {e}");
+            // Exiting from an exit handler: only _exit is safe here.
+            unsafe { libc::_exit(1) };
+        }
+    }
+}
+
+/// Registers [`flush_at_exit`] once, and `conn` in [`LIVE`].
+fn register(conn: &Arc<Live>) {
+    static AT_EXIT: Once = Once::new();
+    AT_EXIT.call_once(|| {
+        // If it cannot be registered, closing each store still flushes it.
+        let _ = unsafe { libc::atexit(flush_at_exit) };
+    });
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(conn));
 }
 
 fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>, String> {
@@ -265,7 +306,10 @@ fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Resu
             Ok::<_, Error>((client, uploads))
         })?
         .map_err(|e| e.to_string())?;
-        Ok(Box::new(DaemonConnection { client, uploads: Arc::new(uploads), runtime }))
+        let uploads = Arc::new(uploads);
+        let live = Arc::new((client.clone(), uploads.clone()));
+        register(&live);
+        Ok(Box::new(DaemonConnection { client, uploads, runtime, _live: live }))
     })?
 }
 
