@@ -241,15 +241,25 @@ impl Logger for CxxLogger {
 
 /// One connection to the daemon, shared by every thread of the C++ store.
 pub struct DaemonConnection {
-    client: Client,
-    uploads: Arc<Uploads>,
+    /// Also listed, weakly, in [`LIVE`].
+    live: Arc<Live>,
     runtime: &'static Runtime,
-    /// Keeps this connection in [`LIVE`] while it exists.
-    _live: Arc<Live>,
 }
 
-/// What [`flush_at_exit`] needs of a connection.
-type Live = (Client, Arc<Uploads>);
+/// A connection and the uploads on it.
+struct Live {
+    client: Client,
+    uploads: Uploads,
+}
+
+impl Live {
+    /// Resolves every add, then waits until every request sent has been answered;
+    /// returns the first failure of work done without waiting.
+    async fn flush(&self) -> Result<(), Error> {
+        self.uploads.drain().await?;
+        self.client.flush().await
+    }
+}
 
 /// The connections that exist, for [`flush_at_exit`].
 static LIVE: Mutex<Vec<Weak<Live>>> = Mutex::new(Vec::new());
@@ -262,11 +272,7 @@ extern "C" fn flush_at_exit() {
     let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
     let Ok(runtime) = runtime() else { return };
     for conn in live {
-        let (client, uploads) = (conn.0.clone(), conn.1.clone());
-        let r = wait(runtime, async move {
-            uploads.drain().await?;
-            client.flush().await
-        });
+        let r = wait(runtime, async move { conn.flush().await });
         if let Ok(Err(e)) = r {
             eprintln!("error: {e}");
             // Exiting from an exit handler: only _exit is safe here.
@@ -306,10 +312,9 @@ fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Resu
             Ok::<_, Error>((client, uploads))
         })?
         .map_err(|e| e.to_string())?;
-        let uploads = Arc::new(uploads);
-        let live = Arc::new((client.clone(), uploads.clone()));
+        let live = Arc::new(Live { client, uploads });
         register(&live);
-        Ok(Box::new(DaemonConnection { client, uploads, runtime, _live: live }))
+        Ok(Box::new(DaemonConnection { live, runtime }))
     })?
 }
 
@@ -336,15 +341,15 @@ fn op_of(code: u64) -> Result<Op, Outcome> {
 
 impl DaemonConnection {
     fn protocol_version(&self) -> u64 {
-        self.client.version().to_wire()
+        self.live.client.version().to_wire()
     }
 
     fn daemon_version(&self) -> String {
-        self.client.info().nix_version.clone().unwrap_or_default()
+        self.live.client.info().nix_version.clone().unwrap_or_default()
     }
 
     fn trusted(&self) -> u8 {
-        match self.client.info().trusted {
+        match self.live.client.info().trusted {
             None => 0,
             Some(TrustedFlag::Trusted) => 1,
             Some(TrustedFlag::NotTrusted) => 2,
@@ -359,10 +364,10 @@ impl DaemonConnection {
             };
             let subject = (!subject.is_empty()).then(|| subject.to_owned());
             let body = has_framed.then(|| Body::Bytes(framed.to_vec()));
-            let (client, uploads, args) = (self.client.clone(), self.uploads.clone(), args.to_vec());
+            let (live, args) = (self.live.clone(), args.to_vec());
             match self.wait(async move {
-                uploads.drain().await?;
-                client.raw_call(op, subject, &args, body).wait().await
+                live.uploads.drain().await?;
+                live.client.raw_call(op, subject, &args, body).wait().await
             }) {
                 Ok(bytes) => ok(bytes),
                 Err(e) => failed(&e),
@@ -377,7 +382,7 @@ impl DaemonConnection {
                 Err(o) => return o,
             };
             let subject = (!subject.is_empty()).then(|| subject.to_owned());
-            match self.client.raw_call(op, subject, args, None).send_blocking() {
+            match self.live.client.raw_call(op, subject, args, None).send_blocking() {
                 Ok(()) => ok(Vec::new()),
                 Err(e) => failed(&e),
             }
@@ -386,11 +391,11 @@ impl DaemonConnection {
 
     fn add_temp_root(&self, path: &str) -> Outcome {
         outcome("add_temp_root", || {
-            let path = match self.client.store_dir().parse(path) {
+            let path = match self.live.client.store_dir().parse(path) {
                 Ok(p) => p,
                 Err(e) => return failed_msg(&e.to_string()),
             };
-            match self.uploads.add_temp_root(&path) {
+            match self.live.uploads.add_temp_root(&path) {
                 Ok(()) => ok(Vec::new()),
                 Err(e) => failed(&e),
             }
@@ -399,22 +404,19 @@ impl DaemonConnection {
 
     fn add_ca(&self, path: &str, args: &[u8], data: &[u8]) -> Outcome {
         outcome("add_ca", || {
-            let path = match self.client.store_dir().parse(path) {
+            let path = match self.live.client.store_dir().parse(path) {
                 Ok(p) => p,
                 Err(e) => return failed_msg(&e.to_string()),
             };
-            self.uploads.add_encoded_blocking(path, args.to_vec(), data.to_vec());
+            self.live.uploads.add_encoded_blocking(path, args.to_vec(), data.to_vec());
             ok(Vec::new())
         })
     }
 
     fn flush(&self) -> Outcome {
         outcome("flush", || {
-            let (client, uploads) = (self.client.clone(), self.uploads.clone());
-            match self.wait(async move {
-                uploads.drain().await?;
-                client.flush().await
-            }) {
+            let live = self.live.clone();
+            match self.wait(async move { live.flush().await }) {
                 Ok(()) => ok(Vec::new()),
                 Err(e) => failed(&e),
             }
@@ -422,7 +424,7 @@ impl DaemonConnection {
     }
 
     fn sync(&self) -> Outcome {
-        if self.uploads.is_idle() && !self.client.has_unreported_failure() {
+        if self.live.uploads.is_idle() && !self.live.client.has_unreported_failure() {
             return ok(Vec::new());
         }
         self.flush()
@@ -438,8 +440,8 @@ impl DaemonConnection {
 
     fn stats_json(&self) -> String {
         guard("stats", || {
-            let s = self.client.stats();
-            let u = self.uploads.stats();
+            let s = self.live.client.stats();
+            let u = self.live.uploads.stats();
             let by_op: Vec<String> = s.requests.iter().map(|(op, n)| format!("\"{op}\":{n}")).collect();
             let uploads = format!(
                 "{{\"added\":{},\"repeated\":{},\"checked\":{},\"checkBatches\":{},\"skippedValid\":{},\
