@@ -42,20 +42,25 @@ pub fn encode(bytes: &[u8]) -> String {
 /// Decodes Nix base-32, rejecting characters outside the alphabet, lengths no
 /// byte string encodes to, and set bits beyond the last byte (as Nix does).
 pub fn decode(s: &str) -> Result<Vec<u8>, InvalidBase32> {
+    let mut out = vec![0u8; s.len() * 5 / 8];
+    decode_into(s, &mut out)?;
+    Ok(out)
+}
+
+/// Decodes Nix base-32 into exactly `out.len()` bytes, as [`decode`] does; for
+/// fixed sizes, such as a store path's hash part, without allocating.
+pub fn decode_into(s: &str, out: &mut [u8]) -> Result<(), InvalidBase32> {
     let err = |problem| InvalidBase32 { input: s.to_owned(), problem };
-    let digits = s
-        .chars()
-        .map(|c| match u8::try_from(c).map(|b| DIGITS[usize::from(b)]) {
-            Ok(digit) if digit != 0xff => Ok(u16::from(digit)),
-            _ => Err(err(Problem::Char(c))),
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let size = digits.len() * 5 / 8;
-    if encoded_len(size) != digits.len() {
-        return Err(err(Problem::Length(digits.len())));
+    if let Some(c) = s.chars().find(|&c| u8::try_from(c).map_or(true, |b| DIGITS[usize::from(b)] == 0xff)) {
+        return Err(err(Problem::Char(c)));
     }
-    let mut out = vec![0u8; size];
-    for (n, digit) in digits.into_iter().rev().enumerate() {
+    // Every character is an ASCII digit now: one byte each.
+    if s.len() * 5 / 8 != out.len() || encoded_len(out.len()) != s.len() {
+        return Err(err(Problem::Length(s.len())));
+    }
+    out.fill(0);
+    for (n, b) in s.bytes().rev().enumerate() {
+        let digit = u16::from(DIGITS[usize::from(b)]);
         let (i, j) = (n * 5 / 8, n * 5 % 8);
         // Truncating to u8 keeps the bits that belong to byte i.
         out[i] |= (digit << j) as u8;
@@ -66,7 +71,7 @@ pub fn decode(s: &str) -> Result<Vec<u8>, InvalidBase32> {
             None => {}
         }
     }
-    Ok(out)
+    Ok(())
 }
 
 /// A string that is not valid Nix base-32.

@@ -229,6 +229,23 @@ impl StorePath {
 
     /// Parses a base name; errors name `shown`, the string the caller gave.
     fn parse_base_name(base: &str, shown: &str) -> Result<StorePath, PathError> {
+        let (hash, name) = Self::split_base_name(base, shown)?;
+        Ok(StorePath { hash, name: name.to_owned() })
+    }
+
+    /// Checks `<hash>-<name>` and returns its hash without allocating, for callers
+    /// that make the path later, on another thread.
+    pub fn check_base_name(base: &str) -> Result<[u8; 20], PathError> {
+        Ok(Self::split_base_name(base, base)?.0)
+    }
+
+    /// The parts of a base name that [`StorePath::check_base_name`] accepted.
+    pub(crate) fn from_checked_parts(hash: [u8; 20], name: &str) -> StorePath {
+        debug_assert!(check_name(name).is_ok());
+        StorePath { hash, name: name.to_owned() }
+    }
+
+    fn split_base_name<'a>(base: &'a str, shown: &str) -> Result<([u8; 20], &'a str), PathError> {
         let invalid = |reason: String| PathError::InvalidPath { path: shown.to_owned(), reason };
         if base.len() <= HASH_PART_LEN {
             return Err(invalid("it is too short".into()));
@@ -237,10 +254,10 @@ impl StorePath {
             .split_at_checked(HASH_PART_LEN)
             .ok_or_else(|| invalid("its hash part contains a non-ASCII character".into()))?;
         let name = name.strip_prefix('-').ok_or_else(|| invalid("its hash part is not followed by '-'".into()))?;
-        let bytes = base32::decode(hash_part).map_err(|e| invalid(e.to_string()))?;
-        let hash = bytes.try_into().map_err(|_| invalid("its hash part is not 20 bytes".into()))?;
+        let mut hash = [0u8; 20];
+        base32::decode_into(hash_part, &mut hash).map_err(|e| invalid(e.to_string()))?;
         check_name(name).map_err(|e| invalid(e.to_string()))?;
-        Ok(StorePath { hash, name: name.to_owned() })
+        Ok((hash, name))
     }
 
     /// A store path from its parts; the name must pass [`check_name`].
