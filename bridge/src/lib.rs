@@ -81,12 +81,13 @@ mod ffi {
         /// Roots a path for this connection without waiting; repeats are dropped.
         fn add_temp_root(self: &DaemonConnection, path: &str) -> Outcome;
 
-        /// AddToStore of content-addressed data at `path`, which the caller has
-        /// computed (text, flat or NAR hashing; no repair): `args` are the op's
-        /// encoded arguments, `data` its upload. Does not wait: the path is rooted,
-        /// checked and uploaded only if missing, behind the caller. They are checked
-        /// against `path` if uploaded.
-        fn add_ca(self: &DaemonConnection, path: &str, args: &[u8], data: &[u8]) -> Outcome;
+        /// A content-addressed addition (text, flat or NAR hashing; no repair) at
+        /// the store path whose base name (`<hash>-<name>`) the caller computed:
+        /// `method` with its algorithm as in a content address (`text:sha256`),
+        /// the references' base names separated by spaces, and the data. Does not
+        /// wait: the path is rooted, checked, and only if missing uploaded, behind
+        /// the caller; the rest is checked against the path then.
+        fn add_ca(self: &DaemonConnection, base_name: &str, method: &str, references: &str, data: &[u8]) -> Outcome;
 
         /// Waits until every addition is stored or known valid and every request
         /// sent has been answered; returns the first failure of a request sent
@@ -402,14 +403,10 @@ impl DaemonConnection {
         })
     }
 
-    fn add_ca(&self, path: &str, args: &[u8], data: &[u8]) -> Outcome {
-        outcome("add_ca", || {
-            let path = match self.live.client.store_dir().parse(path) {
-                Ok(p) => p,
-                Err(e) => return failed_msg(&e.to_string()),
-            };
-            self.live.uploads.add_encoded_blocking(path, args.to_vec(), data.to_vec());
-            ok(Vec::new())
+    fn add_ca(&self, base_name: &str, method: &str, references: &str, data: &[u8]) -> Outcome {
+        outcome("add_ca", || match self.live.uploads.add_computed_blocking(base_name, method, references, data) {
+            Ok(()) => ok(Vec::new()),
+            Err(e) => failed(&e),
         })
     }
 

@@ -3,7 +3,7 @@
 //! Evaluation adds many small content-addressed paths (each `.drv`, each
 //! `builtins.toFile`, each path import), and when a commit is evaluated again nearly
 //! all of them are valid already. [`Uploads::add`] computes an add's store path and
-//! returns it at once ([`Uploads::add_encoded_blocking`] takes a path the caller has
+//! returns it at once ([`Uploads::add_computed_blocking`] takes a path the caller has
 //! computed, and decodes the add only if it must be uploaded); behind the caller, a
 //! task on the connection
 //!
@@ -42,17 +42,16 @@
 
 use std::collections::{BTreeSet, HashSet, VecDeque};
 use std::fmt;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::{Bytes, BytesMut};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use futures::FutureExt;
-
-use crate::codec::{Ctx, Decoder};
 use crate::connection::{Body, FailureSink};
 use crate::error::{Error, Result};
 use crate::hash::{Hash, HashAlgo};
@@ -116,27 +115,6 @@ impl CaAdd {
         };
         let path = store_dir.make_fixed_output_path_from_ca(&self.name, &ca, &self.references, false).ok()?;
         Some((path, ca))
-    }
-
-    /// Decodes AddToStore's arguments (name, method with algorithm, references, and
-    /// a repair flag that must be off) with `data`, its upload.
-    pub fn decode(args: &[u8], data: Vec<u8>, ctx: &Ctx) -> Result<CaAdd> {
-        let mut d = Decoder::from_bytes(args.to_vec(), ctx.clone());
-        // Decoding bytes in memory never waits: poll it once.
-        let decode = async move {
-            let name = d.string().await?;
-            let method = d.string().await?;
-            let (method, algo) = ContentAddressMethod::parse_with_algo(&method)
-                .map_err(|e| Error::InvalidRequest(format!("AddToStore '{name}': {e}")))?;
-            let references = d.get().await?;
-            if d.bool().await? {
-                return Err(Error::InvalidRequest(format!("AddToStore '{name}': a repair must wait for the daemon")));
-            }
-            Ok(CaAdd { name, method, algo, references, data })
-        };
-        decode
-            .now_or_never()
-            .unwrap_or_else(|| Err(Error::InvalidRequest("AddToStore arguments are incomplete".into())))
     }
 
     /// The path's NAR and its info, for AddMultipleToStore.
@@ -218,9 +196,11 @@ impl fmt::Display for UploadStats {
 struct Shared {
     options: UploadOptions,
     /// Paths added on this connection and not failed: a repeated add sends nothing.
-    added: Mutex<HashSet<StorePath>>,
+    added: Mutex<PathSet>,
     /// Paths rooted on this connection.
-    rooted: Mutex<HashSet<StorePath>>,
+    rooted: Mutex<PathSet>,
+    /// Where computed adds' arguments are copied to.
+    arena: Mutex<Arena>,
     /// Adds not yet in a check, in order; `wake` tells the task when the first
     /// arrives and when there are enough for a check.
     open: Mutex<Vec<Item>>,
@@ -266,47 +246,92 @@ enum Command {
     Drain(oneshot::Sender<()>),
 }
 
-/// An add on its way through the task.
-struct Item {
-    path: StorePath,
-    contents: Contents,
+/// An add on its way through the task, with the contents it holds until the daemon
+/// has confirmed its path.
+enum Item {
+    /// Decoded, with its path and content address computed here.
+    Decoded { path: StorePath, add: CaAdd, ca: ContentAddress },
+    /// At a path the caller computed, as the caller gave it: decoded only if it must
+    /// be uploaded, and then checked against the path.
+    Computed(Computed),
 }
 
-/// What an add holds until the daemon has confirmed its path.
-enum Contents {
-    /// Decoded, with its content address computed.
-    Decoded(CaAdd, ContentAddress),
-    /// AddToStore's encoded arguments and its data, decoded only if uploaded.
-    Encoded { args: Vec<u8>, data: Vec<u8> },
+/// [`Uploads::add_computed_blocking`]'s arguments in one copy: the path's base name,
+/// the method with its algorithm, the references' base names separated by spaces,
+/// and the data; `ends` marks where the first three end.
+struct Computed {
+    hash: [u8; 20],
+    bytes: Bytes,
+    ends: [usize; 3],
 }
 
 impl Item {
+    fn hash(&self) -> &[u8; 20] {
+        match self {
+            Item::Decoded { path, .. } => path.hash_bytes(),
+            Item::Computed(c) => &c.hash,
+        }
+    }
+
+    /// The bytes held for it.
     fn bytes(&self) -> u64 {
-        match &self.contents {
-            Contents::Decoded(add, _) => add.data.len() as u64,
-            Contents::Encoded { args, data } => (args.len() + data.len()) as u64,
+        match self {
+            Item::Decoded { add, .. } => add.data.len() as u64,
+            Item::Computed(c) => c.bytes.len() as u64,
+        }
+    }
+
+    /// Its path, made on the task's thread for a computed add.
+    fn path(&self) -> Result<StorePath> {
+        match self {
+            Item::Decoded { path, .. } => Ok(path.clone()),
+            Item::Computed(c) => Ok(StorePath::from_checked_parts(c.hash, c.name()?)),
         }
     }
 
     /// The add and its content address, checked against the path it was added at.
-    fn decode(self, ctx: &Ctx) -> Result<(StorePath, CaAdd, ContentAddress)> {
-        let (add, ca) = match self.contents {
-            Contents::Decoded(add, ca) => (add, ca),
-            Contents::Encoded { args, data } => {
-                let add = CaAdd::decode(&args, data, ctx)?;
-                match add.info(&ctx.store_dir) {
-                    Some((path, ca)) if path == self.path => (add, ca),
-                    _ => {
-                        return Err(Error::InvalidRequest(format!(
-                            "'{}' was added at '{}', which is not the path of its contents",
-                            add.name,
-                            ctx.store_dir.print(&self.path)
-                        )));
-                    }
-                }
-            }
-        };
-        Ok((self.path, add, ca))
+    fn decode(self, store_dir: &StoreDir) -> Result<(StorePath, CaAdd, ContentAddress)> {
+        match self {
+            Item::Decoded { path, add, ca } => Ok((path, add, ca)),
+            Item::Computed(c) => c.decode(store_dir),
+        }
+    }
+}
+
+impl Computed {
+    fn text(&self, from: usize, to: usize) -> Result<&str> {
+        std::str::from_utf8(&self.bytes[from..to]).map_err(|e| Error::InvalidRequest(e.to_string()))
+    }
+
+    fn base_name(&self) -> Result<&str> {
+        self.text(0, self.ends[0])
+    }
+
+    /// The name: the base name after the hash part and its dash.
+    fn name(&self) -> Result<&str> {
+        let base_name = self.base_name()?;
+        // The hash part has no dash.
+        Ok(base_name.split_once('-').map_or(base_name, |(_, name)| name))
+    }
+
+    fn decode(self, store_dir: &StoreDir) -> Result<(StorePath, CaAdd, ContentAddress)> {
+        let base_name = self.base_name()?;
+        let path = StorePath::from_base_name(base_name)?;
+        let what = |e: &dyn fmt::Display| Error::InvalidRequest(format!("adding '{}': {e}", store_dir.print(&path)));
+        let (method, algo) =
+            ContentAddressMethod::parse_with_algo(self.text(self.ends[0], self.ends[1])?).map_err(|e| what(&e))?;
+        let references = self
+            .text(self.ends[1], self.ends[2])?
+            .split_ascii_whitespace()
+            .map(StorePath::from_base_name)
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| what(&e))?;
+        let data = self.bytes[self.ends[2]..].to_vec();
+        let add = CaAdd { name: path.name().to_owned(), method, algo, references, data };
+        match add.info(store_dir) {
+            Some((computed, ca)) if computed == path => Ok((path, add, ca)),
+            _ => Err(what(&"it is not the path of its contents")),
+        }
     }
 }
 
@@ -328,6 +353,7 @@ impl Uploads {
             options,
             added: Mutex::default(),
             rooted: Mutex::default(),
+            arena: Mutex::default(),
             open: Mutex::default(),
             wake: Notify::new(),
             pending_bytes: Mutex::new(0),
@@ -360,7 +386,10 @@ impl Uploads {
     /// after [`Uploads::drain`].
     pub async fn add(&self, add: CaAdd) -> std::result::Result<StorePath, CaAdd> {
         let Some((path, ca)) = add.info(self.client.store_dir()) else { return Err(add) };
-        let item = Item { path: path.clone(), contents: Contents::Decoded(add, ca) };
+        if self.repeated(path.hash_bytes()) {
+            return Ok(path);
+        }
+        let item = Item::Decoded { path: path.clone(), add, ca };
         if let Some(item) = self.try_push(item) {
             self.reserve(item.bytes()).await;
             self.push(item);
@@ -368,28 +397,47 @@ impl Uploads {
         Ok(path)
     }
 
-    /// Adds, without waiting, an add whose path the caller computed: AddToStore's
-    /// encoded arguments (the repair flag off) and its data. They are decoded only
-    /// if the path must be uploaded, and then checked against `path`; a mismatch
-    /// fails like a failed upload. Blocks the calling thread (outside the runtime)
-    /// only while memory for contents is short.
-    pub fn add_encoded_blocking(&self, path: StorePath, args: Vec<u8>, data: Vec<u8>) {
-        let item = Item { path, contents: Contents::Encoded { args, data } };
+    /// Adds, without waiting, an add at a path the caller computed: the path's base
+    /// name, the content-addressing method with its algorithm (`text:sha256`), the
+    /// references' base names separated by spaces, and the data. The rest is checked
+    /// only if the path must be uploaded: it is decoded then, and an add that is not
+    /// at the path of its contents fails like a failed upload. Blocks the calling
+    /// thread (outside the runtime) only while memory for contents is short.
+    ///
+    /// This runs on the evaluator's thread once per `.drv` and `builtins.toFile`, so
+    /// it does little: a repeated path is only looked up, and the arguments are
+    /// copied once, into a shared chunk; everything that allocates per path happens
+    /// on the task.
+    pub fn add_computed_blocking(&self, base_name: &str, method: &str, references: &str, data: &[u8]) -> Result<()> {
+        let hash = StorePath::check_base_name(base_name)?;
+        if self.repeated(&hash) {
+            return Ok(());
+        }
+        let parts = [base_name.as_bytes(), method.as_bytes(), references.as_bytes(), data];
+        let bytes = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).copy(&parts);
+        let ends = [base_name.len(), base_name.len() + method.len(), base_name.len() + method.len() + references.len()];
+        let item = Item::Computed(Computed { hash, bytes, ends });
         if let Some(item) = self.try_push(item) {
             futures::executor::block_on(self.reserve(item.bytes()));
             self.push(item);
         }
+        Ok(())
     }
 
-    /// Takes `item` if nothing is to be sent for it (its path was added before) or
-    /// memory is there for it; otherwise gives it back, to wait for memory.
-    fn try_push(&self, item: Item) -> Option<Item> {
-        let c = &self.shared.counters;
-        if !self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).insert(item.path.clone()) {
-            c.added.fetch_add(1, Relaxed);
-            c.repeated.fetch_add(1, Relaxed);
-            return None;
+    /// Whether `path` was added on this connection before (and has not failed):
+    /// then nothing is sent for it. Otherwise it is added now.
+    fn repeated(&self, hash: &[u8; 20]) -> bool {
+        if self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).insert(*hash) {
+            return false;
         }
+        let c = &self.shared.counters;
+        c.added.fetch_add(1, Relaxed);
+        c.repeated.fetch_add(1, Relaxed);
+        true
+    }
+
+    /// Takes `item` if memory is there for it; otherwise gives it back, to wait.
+    fn try_push(&self, item: Item) -> Option<Item> {
         if !self.shared.try_hold(item.bytes()) {
             return Some(item);
         }
@@ -415,11 +463,11 @@ impl Uploads {
     /// Roots `path` for this connection without waiting, once.
     pub fn add_temp_root(&self, path: &StorePath) -> Result<()> {
         let mut rooted = self.shared.rooted.lock().unwrap_or_else(|p| p.into_inner());
-        if rooted.contains(path) {
+        if rooted.contains(path.hash_bytes()) {
             return Ok(());
         }
         self.client.add_temp_root(path).send_blocking()?;
-        rooted.insert(path.clone());
+        rooted.insert(*path.hash_bytes());
         Ok(())
     }
 
@@ -557,22 +605,35 @@ impl Task {
         if items.is_empty() {
             return;
         }
-        let unrooted: Vec<StorePath> = {
+        let mut paths = BTreeSet::new();
+        let mut unrooted = Vec::new();
+        let mut checked = Vec::with_capacity(items.len());
+        {
             let mut rooted = self.shared.rooted.lock().unwrap_or_else(|p| p.into_inner());
-            items.iter().filter(|i| rooted.insert(i.path.clone())).map(|i| i.path.clone()).collect()
-        };
+            for item in items {
+                match item.path() {
+                    Ok(path) => {
+                        if rooted.insert(*item.hash()) {
+                            unrooted.push(path.clone());
+                        }
+                        paths.insert(path);
+                        checked.push(item);
+                    }
+                    Err(e) => self.failed(item.bytes(), item.hash(), e),
+                }
+            }
+        }
         for path in &unrooted {
             // A failure here is the connection's: the check behind it fails too.
             let _ = self.client.add_temp_root(path).send().await;
         }
         let id = self.next_id;
         self.next_id += 1;
-        let paths: BTreeSet<StorePath> = items.iter().map(|i| i.path.clone()).collect();
         let c = &self.shared.counters;
         c.checked.fetch_add(paths.len() as u64, Relaxed);
         c.check_batches.fetch_add(1, Relaxed);
         trace!(id, paths = paths.len(), "check");
-        self.checks.push_back((id, items));
+        self.checks.push_back((id, checked));
         let events = self.events_tx.clone();
         self.client
             .query_valid_paths(&paths, false)
@@ -587,7 +648,10 @@ impl Task {
         let Some((first, items)) = self.checks.pop_front() else { return };
         debug_assert_eq!(first, id, "checks are answered in order");
         let (valid, missing): (Vec<Item>, Vec<Item>) = match result {
-            Ok(valid) => items.into_iter().partition(|i| valid.contains(&i.path)),
+            Ok(valid) => {
+                let valid: PathSet = valid.iter().map(|p| *p.hash_bytes()).collect();
+                items.into_iter().partition(|i| valid.contains(i.hash()))
+            }
             Err(e) => {
                 // Upload them all: the daemon skips what it has.
                 debug!("validity check failed, uploading its {} paths: {e}", items.len());
@@ -625,24 +689,26 @@ impl Task {
         }
     }
 
+    /// Fails an add for which nothing was sent, as if its upload had failed.
+    fn failed(&self, bytes: u64, hash: &[u8; 20], e: Error) {
+        self.failures.defer(e);
+        self.shared.counters.failed.fetch_add(1, Relaxed);
+        self.shared.unresolved.fetch_sub(1, Relaxed);
+        self.shared.release(bytes);
+        self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).remove(hash);
+    }
+
     async fn send_upload(&mut self, items: Vec<Item>) {
-        let ctx = Ctx { version: self.client.version(), store_dir: self.client.store_dir().clone() };
         let mut decoded = Vec::with_capacity(items.len());
         let mut bytes = 0;
         for item in items {
-            let size = item.bytes();
-            match item.decode(&ctx) {
+            let (size, hash) = (item.bytes(), *item.hash());
+            match item.decode(self.client.store_dir()) {
                 Ok(d) => {
                     bytes += size;
                     decoded.push(d);
                 }
-                Err(e) => {
-                    // Nothing was sent for it: fail it as if its upload had failed.
-                    self.failures.defer(e);
-                    self.shared.counters.failed.fetch_add(1, Relaxed);
-                    self.shared.unresolved.fetch_sub(1, Relaxed);
-                    self.shared.release(size);
-                }
+                Err(e) => self.failed(size, &hash, e),
             }
         }
         if decoded.is_empty() {
@@ -665,7 +731,7 @@ impl Task {
                 // Let a later add of these paths try again.
                 let mut added = shared.added.lock().unwrap_or_else(|p| p.into_inner());
                 for p in &paths {
-                    added.remove(p);
+                    added.remove(p.hash_bytes());
                 }
             }
             shared.release(bytes);
@@ -699,5 +765,56 @@ async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Store paths by the 20 bytes of their hash part, which names them uniquely (the
+/// name is hashed into it). Those bytes are a digest already: the set uses eight of
+/// them as the hash rather than hashing them again.
+type PathSet = HashSet<[u8; 20], BuildHasherDefault<DigestHasher>>;
+
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        // An array is hashed as its length and then its bytes; keep the bytes.
+        if let Some(first) = bytes.first_chunk::<8>() {
+            self.0 = u64::from_le_bytes(*first);
+        }
+    }
+
+    fn write_usize(&mut self, _: usize) {}
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+/// Copies of contents, cut from shared chunks: one allocation per chunk rather
+/// than two per add, and dropping a copy, on whichever thread, only lowers the
+/// chunk's count. A chunk is freed when its last copy is.
+#[derive(Default)]
+struct Arena {
+    chunk: BytesMut,
+}
+
+impl Arena {
+    const CHUNK: usize = 64 << 10;
+
+    /// `parts`, one after the other.
+    fn copy(&mut self, parts: &[&[u8]]) -> Bytes {
+        let len = parts.iter().map(|p| p.len()).sum();
+        if len > Self::CHUNK / 8 {
+            // Large contents get their own allocation, freed with them.
+            let mut own = BytesMut::with_capacity(len);
+            parts.iter().for_each(|p| own.extend_from_slice(p));
+            return own.freeze();
+        }
+        if self.chunk.capacity() - self.chunk.len() < len {
+            self.chunk = BytesMut::with_capacity(Self::CHUNK);
+        }
+        parts.iter().for_each(|p| self.chunk.extend_from_slice(p));
+        self.chunk.split().freeze()
     }
 }

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use rust_store::codec::{Ctx, Encoder, Version};
+use rust_store::codec::Version;
 use rust_store::hash::HashAlgo;
 use rust_store::ops::Op;
 use rust_store::store_path::ContentAddressMethod;
@@ -131,6 +131,49 @@ async fn the_memory_cap_bounds_the_contents_held() {
     assert_eq!(s.uploaded, 500, "{s}");
 }
 
+/// Adds at paths the caller computed, given as the fork's C++ gives them (base names,
+/// the method as text, the references' base names), are uploaded with their
+/// references when missing and skipped when valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn computed_adds_upload_with_their_references() {
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let c = d.connect().await;
+    let adds = chain(&c, "computed", 60);
+    for a in &adds[..20] {
+        c.add_text(&a.name, a.data.clone(), &a.references).send().await.unwrap();
+    }
+    c.flush().await.unwrap();
+
+    let u = Arc::new(Uploads::new(c.clone(), UploadOptions::default()));
+    let (u2, given) = (u.clone(), adds.clone());
+    let store_dir = c.store_dir().clone();
+    let paths = tokio::task::spawn_blocking(move || {
+        let mut paths = Vec::new();
+        for a in given {
+            let path = a.path(&store_dir).unwrap();
+            let refs: Vec<String> = a.references.iter().map(StorePath::to_string).collect();
+            u2.add_computed_blocking(&path.to_string(), "text:sha256", &refs.join(" "), &a.data).unwrap();
+            paths.push(path);
+        }
+        paths
+    })
+    .await
+    .unwrap();
+    u.drain().await.unwrap();
+    c.flush().await.unwrap();
+    assert_valid(&c, &paths).await;
+    for (path, add) in paths.iter().zip(&adds) {
+        let info = c.query_path_info(path).await.unwrap().unwrap();
+        assert_eq!(info.references, add.references, "{path}");
+    }
+    let s = u.stats();
+    assert_eq!((s.added, s.valid, s.uploaded, s.failed), (60, 20, 40, 0), "{s}");
+
+    // A base name that is not one fails at once, naming it.
+    let e = u.add_computed_blocking("not-a-store-path", "text:sha256", "", b"").unwrap_err().to_string();
+    assert!(e.contains("not-a-store-path"), "{e}");
+}
+
 /// Failures surface at the next wait, naming what failed: contents that do not
 /// match the path they were added at (caught before sending), and an upload the
 /// daemon refuses (a reference that is not valid). A failed path can be added again.
@@ -140,14 +183,12 @@ async fn failures_surface_at_the_next_wait() {
     let c = d.connect().await;
     let u = Arc::new(Uploads::new(c.clone(), UploadOptions::default()));
 
-    // Encoded as the fork's C++ encodes AddToStore's arguments.
+    // Given as the fork's C++ gives it.
     let wrong = text("mismatch", "these contents", BTreeSet::new());
     let other = text("mismatch", "other contents", BTreeSet::new()).path(c.store_dir()).unwrap();
-    let ctx = Ctx { version: c.version(), store_dir: c.store_dir().clone() };
-    let mut args = Vec::new();
-    Encoder::new(&mut args, &ctx).str(&wrong.name).str("text:sha256").put(&wrong.references).bool(false);
     let u2 = u.clone();
-    tokio::task::spawn_blocking(move || u2.add_encoded_blocking(other, args, wrong.data)).await.unwrap();
+    let add = move || u2.add_computed_blocking(&other.to_string(), "text:sha256", "", &wrong.data);
+    tokio::task::spawn_blocking(add).await.unwrap().unwrap();
     u.drain().await.unwrap();
     let e = c.flush().await.unwrap_err().to_string();
     assert!(e.contains("is not the path of its contents"), "{e}");
