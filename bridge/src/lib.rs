@@ -442,8 +442,8 @@ impl DaemonConnection {
             let by_op: Vec<String> = s.requests.iter().map(|(op, n)| format!("\"{op}\":{n}")).collect();
             let uploads = format!(
                 "{{\"added\":{},\"repeated\":{},\"checked\":{},\"checkBatches\":{},\"skippedValid\":{},\
-                 \"uploaded\":{},\"uploadBatches\":{},\"failed\":{},\"drains\":{},\"memoryWaits\":{},\
-                 \"peakPendingBytes\":{}}}",
+                 \"uploaded\":{},\"uploadBatches\":{},\"failed\":{},\"drains\":{},\"drainTimeMs\":{:.3},\
+                 \"memoryWaits\":{},\"peakPendingBytes\":{}}}",
                 u.added,
                 u.repeated,
                 u.checked,
@@ -453,6 +453,7 @@ impl DaemonConnection {
                 u.upload_batches,
                 u.failed,
                 u.drains,
+                u.drain_time.as_secs_f64() * 1e3,
                 u.memory_waits,
                 u.peak_pending_bytes
             );

@@ -142,6 +142,7 @@ struct Counters {
     upload_batches: AtomicU64,
     failed: AtomicU64,
     drains: AtomicU64,
+    drain_nanos: AtomicU64,
     memory_waits: AtomicU64,
     peak_pending_bytes: AtomicU64,
 }
@@ -165,6 +166,8 @@ pub struct UploadStats {
     pub failed: u64,
     /// Sync points that found adds still unresolved and waited for them.
     pub drains: u64,
+    /// The time spent in those waits.
+    pub drain_time: Duration,
     /// Adds that waited for memory.
     pub memory_waits: u64,
     /// The most bytes of contents held at once.
@@ -176,7 +179,7 @@ impl fmt::Display for UploadStats {
         write!(
             f,
             "{} adds ({} repeated): {} checked in {} batches, {} already valid, {} uploaded in {} batches, \
-             {} failed; {} drains, {} memory waits, peak {} bytes held",
+             {} failed; {} drains ({:.3} ms), {} memory waits, peak {} bytes held",
             self.added,
             self.repeated,
             self.checked,
@@ -186,6 +189,7 @@ impl fmt::Display for UploadStats {
             self.upload_batches,
             self.failed,
             self.drains,
+            self.drain_time.as_secs_f64() * 1e3,
             self.memory_waits,
             self.peak_pending_bytes
         )
@@ -478,10 +482,14 @@ impl Uploads {
         if self.shared.unresolved.load(Relaxed) == 0 {
             return Ok(());
         }
-        self.shared.counters.drains.fetch_add(1, Relaxed);
+        let c = &self.shared.counters;
+        c.drains.fetch_add(1, Relaxed);
+        let start = std::time::Instant::now();
         let (tx, rx) = oneshot::channel();
         self.commands.send(Command::Drain(tx)).map_err(|_| self.stopped())?;
-        rx.await.map_err(|_| self.stopped())
+        let drained = rx.await.map_err(|_| self.stopped());
+        c.drain_nanos.fetch_add(start.elapsed().as_nanos().try_into().unwrap_or(u64::MAX), Relaxed);
+        drained
     }
 
     /// The task stops only when the last handle is dropped; if it has stopped
@@ -510,6 +518,7 @@ impl Uploads {
             upload_batches: c.upload_batches.load(Relaxed),
             failed: c.failed.load(Relaxed),
             drains: c.drains.load(Relaxed),
+            drain_time: Duration::from_nanos(c.drain_nanos.load(Relaxed)),
             memory_waits: c.memory_waits.load(Relaxed),
             peak_pending_bytes: c.peak_pending_bytes.load(Relaxed),
         }
