@@ -116,12 +116,17 @@ mod ffi {
 use ffi::Outcome;
 
 /// The runtime the connections' tasks run on, shared by all connections.
+///
+/// One worker thread: the tasks only move bytes, and the evaluator and the daemon
+/// already want a core each. With two workers, the connection's and the uploads'
+/// tasks woke each other across threads, which cost more than it gained (with every
+/// path of the benchmark valid, 1.34-1.39x read-only time against 1.13-1.22x).
 fn runtime() -> Result<&'static Runtime, String> {
     static RUNTIME: OnceLock<Result<Runtime, String>> = OnceLock::new();
     RUNTIME
         .get_or_init(|| {
             tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
+                .worker_threads(1)
                 .thread_name("nix-daemon-client")
                 .enable_io()
                 .enable_time()
