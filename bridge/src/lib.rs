@@ -10,6 +10,10 @@
 //!   has computed; rust-store's [`Uploads`] roots the path, checks its validity in a
 //!   batch and uploads it only if the daemon lacks it, all behind the caller.
 //!
+//! Data too large to hold (an addition beyond the cap on contents held, a NAR with its
+//! info) streams instead: [`DaemonConnection::start_upload`] sends the request, C++
+//! writes the data piece by piece, and the socket's pace holds it back.
+//!
 //! The sync points, where the daemon has seen every earlier addition: each call that
 //! waits ([`DaemonConnection::call`]) resolves the additions first, so that they are
 //! ahead of it on the connection; [`DaemonConnection::sync`], which C++ calls before
@@ -29,8 +33,9 @@ use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 
+use bytes::Bytes;
 use rust_store::codec::{Ctx, Encoder, Version};
-use rust_store::connection::Body;
+use rust_store::connection::{Body, Pending};
 use rust_store::logger::{Activity, Field, Logger};
 use rust_store::ops::Op;
 use rust_store::types::TrustedFlag;
@@ -48,6 +53,7 @@ mod ffi {
 
     extern "Rust" {
         type DaemonConnection;
+        type Upload;
 
         /// Connects to the daemon's socket and runs the handshake. `store_dir` is
         /// the store directory paths are printed with; `max_pending_bytes` bounds the
@@ -72,6 +78,19 @@ mod ffi {
             has_framed: bool,
             framed: &[u8],
         ) -> Outcome;
+
+        /// Starts `op` with its encoded arguments and framed data that the caller
+        /// then streams with `write_data`, for data too large to hold; `finish`
+        /// ends the data and waits for the result. Earlier additions are resolved
+        /// first. Dropping the upload unfinished ends the data where it is.
+        fn start_upload(self: &DaemonConnection, op: u64, subject: &str, args: &[u8]) -> Box<Upload>;
+
+        /// Sends the next piece of an upload's data; waits while the connection is
+        /// behind. Fails if the connection has ended.
+        fn write_data(self: &mut Upload, data: &[u8]) -> Outcome;
+
+        /// Ends an upload's data and waits for the request's result.
+        fn finish(self: &mut Upload) -> Outcome;
 
         /// Sends `op` with its encoded arguments without waiting for its result (for
         /// ops whose result is empty, such as SetOptions); a failure is returned by
@@ -324,6 +343,50 @@ fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Resu
     })?
 }
 
+/// How many pieces of an upload's data (each up to what C++ buffers, 64 KiB) may
+/// wait for the socket.
+const UPLOAD_CHUNKS: usize = 4;
+
+/// A request whose data C++ streams: see [`DaemonConnection::start_upload`].
+pub struct Upload {
+    runtime: &'static Runtime,
+    /// Dropped to end the data.
+    data: Option<tokio::sync::mpsc::Sender<Bytes>>,
+    /// The request's reply, or why it could not be sent; taken by `finish`.
+    reply: Option<Result<Pending<Vec<u8>>, Outcome>>,
+}
+
+impl Upload {
+    fn write_data(&mut self, data: &[u8]) -> Outcome {
+        outcome("write_data", || {
+            if !matches!(self.reply, Some(Ok(_))) {
+                return self.finish();
+            }
+            let Some(sender) = &self.data else { return failed_msg("the upload's data has already ended") };
+            match sender.blocking_send(Bytes::copy_from_slice(data)) {
+                Ok(()) => ok(Vec::new()),
+                // The connection has ended and dropped the data: its reply says why.
+                Err(_) => self.finish(),
+            }
+        })
+    }
+
+    fn finish(&mut self) -> Outcome {
+        outcome("finish", || {
+            self.data = None;
+            match self.reply.take() {
+                None => failed_msg("the upload has already finished"),
+                Some(Err(outcome)) => outcome,
+                Some(Ok(pending)) => match wait(self.runtime, pending) {
+                    Ok(Ok(bytes)) => ok(bytes),
+                    Ok(Err(e)) => failed(&e),
+                    Err(message) => failed_msg(&message),
+                },
+            }
+        })
+    }
+}
+
 /// Batch sizes of uploads: the measured defaults, unless the environment sets
 /// `NIX_DAEMON_CLIENT_CHECK_BATCH` (most paths per validity check) or
 /// `NIX_DAEMON_CLIENT_BATCH_DELAY_US` (how long a path waits for company).
@@ -379,6 +442,22 @@ impl DaemonConnection {
                 Err(e) => failed(&e),
             }
         })
+    }
+
+    fn start_upload(&self, op: u64, subject: &str, args: &[u8]) -> Box<Upload> {
+        let (data, body) = Body::channel(UPLOAD_CHUNKS);
+        let started = guard("start_upload", || -> Result<Pending<Vec<u8>>, Outcome> {
+            let op = op_of(op)?;
+            let subject = (!subject.is_empty()).then(|| subject.to_owned());
+            let (live, args) = (self.live.clone(), args.to_vec());
+            self.wait(async move {
+                live.uploads.drain().await?;
+                live.client.raw_call(op, subject, &args, Some(body)).start().await
+            })
+            .map_err(|e| failed(&e))
+        });
+        let reply = started.unwrap_or_else(|message| Err(failed_msg(&message)));
+        Box::new(Upload { runtime: self.runtime, data: Some(data), reply: Some(reply) })
     }
 
     fn send(&self, op: u64, subject: &str, args: &[u8]) -> Outcome {

@@ -30,6 +30,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
@@ -151,6 +152,43 @@ pub(crate) struct Request {
 pub enum Body {
     Bytes(Vec<u8>),
     Reader(Box<dyn AsyncRead + Send + Unpin>),
+}
+
+impl Body {
+    /// A body the caller writes as it goes, for data too large to hold: each chunk
+    /// sent on the returned sender goes out as it is read, and dropping the sender
+    /// ends the data. At most `chunks` chunks wait in between, so the sender waits
+    /// for the socket. If the connection ends, sending fails.
+    pub fn channel(chunks: usize) -> (mpsc::Sender<Bytes>, Body) {
+        let (tx, rx) = mpsc::channel(chunks.max(1));
+        (tx, Body::Reader(Box::new(ChannelReader { rx, chunk: Bytes::new() })))
+    }
+}
+
+/// The reading end of [`Body::channel`].
+struct ChannelReader {
+    rx: mpsc::Receiver<Bytes>,
+    /// What is left of the chunk being read.
+    chunk: Bytes,
+}
+
+impl AsyncRead for ChannelReader {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        while self.chunk.is_empty() {
+            match std::task::ready!(self.rx.poll_recv(cx)) {
+                Some(chunk) => self.chunk = chunk,
+                // The sender is gone: the data ends here.
+                None => return Poll::Ready(Ok(())),
+            }
+        }
+        let n = self.chunk.len().min(buf.remaining());
+        buf.put_slice(&self.chunk.split_to(n));
+        Poll::Ready(Ok(()))
+    }
 }
 
 enum Message {

@@ -132,6 +132,75 @@ async fn fork_pipelines_the_workload() {
     }
 }
 
+/// Path imports larger than the cap on contents held for unconfirmed additions are
+/// not held: they stream to the daemon as they are read (AddToStore, the daemon
+/// computing the path, as stock Nix does), and land at the paths stock Nix gives them.
+#[test]
+fn imports_larger_than_the_memory_cap_are_streamed() {
+    if !fork_built() {
+        return;
+    }
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let dir = d.host_path("work");
+    std::fs::create_dir_all(dir.join("tree/sub")).unwrap();
+    // Incompressible, reproducible bytes.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut bytes = |n: usize| -> Vec<u8> {
+        (0..n)
+            .map(|_| {
+                x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (x >> 56) as u8
+            })
+            .collect()
+    };
+    let cap = 1 << 20;
+    std::fs::write(dir.join("tree/sub/a"), bytes(3 * cap)).unwrap();
+    std::fs::write(dir.join("tree/b"), bytes(cap / 2)).unwrap();
+    let flat = bytes(2 * cap);
+    std::fs::write(dir.join("flat"), &flat).unwrap();
+    std::fs::write(
+        dir.join("imports.nix"),
+        r#"[ (builtins.path { path = ./tree; }) (builtins.path { path = ./flat; recursive = false; })
+             (builtins.toFile "small" "held, not streamed") ]"#,
+    )
+    .unwrap();
+    let file = d.inner_path("work/imports.nix");
+    let stats = d.inner_path(&format!("home-{}/stats.json", client_user()));
+    let eval = |program: &str, client: &str| {
+        let out = d.run_as(
+            client_user(),
+            &[("NIX_DAEMON_CLIENT", client), ("NIX_SHOW_STATS", "1"), ("NIX_SHOW_STATS_PATH", &stats)],
+            &[
+                program,
+                "--eval",
+                "--strict",
+                "--read-write-mode",
+                "--option",
+                "daemon-client-max-pending",
+                &cap.to_string(),
+                &file,
+            ],
+        );
+        ok(out, program)
+    };
+
+    // The fork first, so that every path is new to the daemon.
+    let fork = eval(&format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust");
+    let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
+    let client = serde_json::from_str::<serde_json::Value>(&json).unwrap()["daemonClient"].clone();
+    let stock = eval("/usr/bin/nix-instantiate", "cxx");
+    assert_eq!(fork, stock, "the fork put the imports elsewhere than stock");
+
+    assert_eq!(client["requestsByOp"]["AddToStore"], 2, "{client}");
+    assert_eq!(client["uploads"]["uploaded"], 1, "{client}");
+    assert!(client["uploads"]["peakPendingBytes"].as_u64().unwrap() < cap as u64, "{client}");
+    assert!(client["bytesSent"].as_u64().unwrap() > 5 * cap as u64, "{client}");
+    let printed: Vec<String> = serde_json::from_str(&fork.join("").replace("\" \"", "\", \"")).unwrap();
+    assert_eq!(printed.len(), 3);
+    assert_eq!(std::fs::read(d.real_path(&printed[1])).unwrap(), flat);
+    assert!(d.real_path(&printed[0]).join("sub/a").exists());
+}
+
 /// A daemon that dies in the middle of an evaluation makes the command fail with an
 /// error, as stock Nix does: no hang, no panic.
 #[tokio::test]
