@@ -472,6 +472,40 @@ async fn negotiates_down() {
     assert_eq!(e.to_string(), "AddMultipleToStore needs worker protocol 1.32, but the Nix daemon speaks 1.25");
 }
 
+/// A body fed through `Body::channel` goes out as it is written; data that ends
+/// short of a whole NAR is refused by the daemon, and the connection goes on.
+#[tokio::test]
+async fn channel_bodies_stream_and_a_nar_cut_short_is_refused() {
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let c = d.connect().await;
+    let none = BTreeSet::new();
+    let contents: Vec<u8> = (0..1u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+    let nar = nar::write_nar(&nar::NarEntry::Regular { executable: false, contents });
+    let add = |name: &str, body| c.add_to_store(name, ContentAddressMethod::Nar, HashAlgo::Sha256, &none, false, body);
+
+    let (data, body) = Body::channel(2);
+    let reply = add("streamed", body).start().await.unwrap();
+    let pieces: Vec<_> = nar.chunks(10_000).map(bytes::Bytes::copy_from_slice).collect();
+    let feeder = tokio::spawn(async move {
+        for piece in pieces {
+            data.send(piece).await.unwrap();
+        }
+    });
+    let info = reply.await.unwrap();
+    feeder.await.unwrap();
+    let hash = Hash::digest(HashAlgo::Sha256, &nar);
+    let expected = c.store_dir().make_fixed_output_path("streamed", ContentAddressMethod::Nar, &hash, &none, false);
+    assert_eq!(info.path, expected.unwrap());
+
+    let (data, body) = Body::channel(2);
+    let reply = add("cut", body).start().await.unwrap();
+    data.send(bytes::Bytes::copy_from_slice(&nar[..nar.len() / 2])).await.unwrap();
+    drop(data);
+    let e = reply.await.unwrap_err();
+    assert!(matches!(e, Error::Daemon(_)), "{e}");
+    assert!(c.is_valid_path(&info.path).await.unwrap());
+}
+
 /// raw_call returns each op's exact result bytes, which decode to what the typed call
 /// returns; raw and typed calls share the pipeline.
 #[tokio::test]
