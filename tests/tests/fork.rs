@@ -36,6 +36,17 @@ fn ok(out: Output, what: &str) -> Vec<String> {
     String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
 }
 
+/// Where a client run as `client_user()` writes NIX_SHOW_STATS, as Nix sees it.
+fn stats_path(d: &Daemon) -> String {
+    d.inner_path(&format!("home-{}/stats.json", client_user()))
+}
+
+/// The `daemonClient` counters of the last run that wrote to [`stats_path`].
+fn client_stats(d: &Daemon) -> serde_json::Value {
+    let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
+    serde_json::from_str::<serde_json::Value>(&json).unwrap()["daemonClient"].clone()
+}
+
 /// Every valid path of a store with its info and its NAR.
 async fn store_contents(c: &Client) -> BTreeMap<StorePath, (UnkeyedValidPathInfo, Vec<u8>)> {
     let mut out = BTreeMap::new();
@@ -93,7 +104,7 @@ async fn fork_pipelines_the_workload() {
     }
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let file = workload(&d);
-    let stats = d.inner_path(&format!("home-{}/stats.json", client_user()));
+    let stats = stats_path(&d);
     let run = || {
         let out = d.run_as(
             client_user(),
@@ -102,9 +113,7 @@ async fn fork_pipelines_the_workload() {
         );
         let drvs = ok(out, "fork");
         assert_eq!(drvs.len(), 1000);
-        let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
-        (drvs, v["daemonClient"].clone())
+        (drvs, client_stats(&d))
     };
     let count = |v: &serde_json::Value, key: &str| v[key].as_u64().unwrap_or_else(|| panic!("no {key} in {v}"));
     // A .drv and a builder script per derivation, and the shared file.
@@ -165,7 +174,7 @@ fn imports_larger_than_the_memory_cap_are_streamed() {
     )
     .unwrap();
     let file = d.inner_path("work/imports.nix");
-    let stats = d.inner_path(&format!("home-{}/stats.json", client_user()));
+    let stats = stats_path(&d);
     let eval = |program: &str, client: &str| {
         let out = d.run_as(
             client_user(),
@@ -174,6 +183,7 @@ fn imports_larger_than_the_memory_cap_are_streamed() {
                 program,
                 "--eval",
                 "--strict",
+                "--json",
                 "--read-write-mode",
                 "--option",
                 "daemon-client-max-pending",
@@ -186,8 +196,7 @@ fn imports_larger_than_the_memory_cap_are_streamed() {
 
     // The fork first, so that every path is new to the daemon.
     let fork = eval(&format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust");
-    let json = std::fs::read_to_string(d.host_path(&format!("home-{}/stats.json", client_user()))).unwrap();
-    let client = serde_json::from_str::<serde_json::Value>(&json).unwrap()["daemonClient"].clone();
+    let client = client_stats(&d);
     let stock = eval("/usr/bin/nix-instantiate", "cxx");
     assert_eq!(fork, stock, "the fork put the imports elsewhere than stock");
 
@@ -195,7 +204,7 @@ fn imports_larger_than_the_memory_cap_are_streamed() {
     assert_eq!(client["uploads"]["uploaded"], 1, "{client}");
     assert!(client["uploads"]["peakPendingBytes"].as_u64().unwrap() < cap as u64, "{client}");
     assert!(client["bytesSent"].as_u64().unwrap() > 5 * cap as u64, "{client}");
-    let printed: Vec<String> = serde_json::from_str(&fork.join("").replace("\" \"", "\", \"")).unwrap();
+    let printed: Vec<String> = serde_json::from_str(&fork.join("")).unwrap();
     assert_eq!(printed.len(), 3);
     assert_eq!(std::fs::read(d.real_path(&printed[1])).unwrap(), flat);
     assert!(d.real_path(&printed[0]).join("sub/a").exists());
