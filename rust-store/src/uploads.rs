@@ -40,7 +40,7 @@
 //! A failed upload is reported, like any request sent without waiting, by the next
 //! call that waits or by [`Client::flush`].
 
-use std::collections::{BTreeSet, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -143,6 +143,8 @@ struct Counters {
     failed: AtomicU64,
     drains: AtomicU64,
     drain_nanos: AtomicU64,
+    path_waits: AtomicU64,
+    path_wait_nanos: AtomicU64,
     memory_waits: AtomicU64,
     peak_pending_bytes: AtomicU64,
 }
@@ -168,6 +170,9 @@ pub struct UploadStats {
     pub drains: u64,
     /// The time spent in those waits.
     pub drain_time: Duration,
+    /// Reads of a path that waited for its add to be confirmed, and how long.
+    pub path_waits: u64,
+    pub path_wait_time: Duration,
     /// Adds that waited for memory.
     pub memory_waits: u64,
     /// The most bytes of contents held at once.
@@ -179,7 +184,7 @@ impl fmt::Display for UploadStats {
         write!(
             f,
             "{} adds ({} repeated): {} checked in {} batches, {} already valid, {} uploaded in {} batches, \
-             {} failed; {} drains ({:.3} ms), {} memory waits, peak {} bytes held",
+             {} failed; {} drains ({:.3} ms), {} path waits ({:.3} ms), {} memory waits, peak {} bytes held",
             self.added,
             self.repeated,
             self.checked,
@@ -190,6 +195,8 @@ impl fmt::Display for UploadStats {
             self.failed,
             self.drains,
             self.drain_time.as_secs_f64() * 1e3,
+            self.path_waits,
+            self.path_wait_time.as_secs_f64() * 1e3,
             self.memory_waits,
             self.peak_pending_bytes
         )
@@ -199,11 +206,15 @@ impl fmt::Display for UploadStats {
 /// State shared by the callers and the task.
 struct Shared {
     options: UploadOptions,
-    /// Paths added on this connection and not failed: a repeated add sends nothing.
-    added: Mutex<PathSet>,
+    /// Paths added on this connection and not failed, with the add while the daemon
+    /// has not confirmed it (found it valid, or acknowledged its upload): a repeated
+    /// add sends nothing, and a read of a path not yet confirmed is served from here.
+    added: Mutex<AddedMap>,
+    /// Wakes [`Uploads::wait_for`] when adds are confirmed or fail.
+    confirmed: Notify,
     /// Paths rooted on this connection.
     rooted: Mutex<PathSet>,
-    /// Where computed adds' arguments are copied to.
+    /// Where adds' arguments are copied to.
     arena: Mutex<Arena>,
     /// Adds not yet in a check, in order; `wake` tells the task when the first
     /// arrives and when there are enough for a check.
@@ -241,68 +252,78 @@ impl Shared {
         drop(held);
         self.freed.notify_waiters();
     }
+
+    fn added(&self) -> std::sync::MutexGuard<'_, AddedMap> {
+        self.added.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The daemon has these paths now: stop holding their adds.
+    fn confirm<'h>(&self, hashes: impl IntoIterator<Item = &'h [u8; 20]>) {
+        let mut added = self.added();
+        for hash in hashes {
+            if let Some(entry) = added.get_mut(hash) {
+                *entry = None;
+            }
+        }
+        drop(added);
+        self.confirmed.notify_waiters();
+    }
+
+    /// These paths' adds failed: forget them, so that a later add tries again.
+    fn forget<'h>(&self, hashes: impl IntoIterator<Item = &'h [u8; 20]>) {
+        let mut added = self.added();
+        for hash in hashes {
+            added.remove(hash);
+        }
+        drop(added);
+        self.confirmed.notify_waiters();
+    }
 }
 
 enum Command {
-    /// Send the open batch now (an add is waiting for memory).
+    /// Send the open batch now (an add is waiting for memory, or a read for its path).
     SendNow,
     /// Answer once every earlier add is resolved.
     Drain(oneshot::Sender<()>),
 }
 
-/// An add on its way through the task, with the contents it holds until the daemon
-/// has confirmed its path.
-enum Item {
-    /// Decoded, with its path and content address computed here.
-    Decoded { path: StorePath, add: CaAdd, ca: ContentAddress },
-    /// At a path the caller computed, as the caller gave it: decoded only if it must
-    /// be uploaded, and then checked against the path.
-    Computed(Computed),
-}
-
-/// [`Uploads::add_computed_blocking`]'s arguments in one copy: the path's base name,
-/// the method with its algorithm, the references' base names separated by spaces,
-/// and the data; `ends` marks where the first three end.
-struct Computed {
+/// An add on its way through the task, holding its contents until the daemon has
+/// confirmed its path: its arguments as the caller gave them, in one copy (the path's
+/// base name, the method with its algorithm, the references' base names separated by
+/// spaces, and the data; `ends` marks where the first three end). It is decoded only
+/// if it must be uploaded, and then checked against its path.
+#[derive(Clone)]
+struct Item {
     hash: [u8; 20],
     bytes: Bytes,
     ends: [usize; 3],
 }
 
 impl Item {
-    fn hash(&self) -> &[u8; 20] {
-        match self {
-            Item::Decoded { path, .. } => path.hash_bytes(),
-            Item::Computed(c) => &c.hash,
-        }
-    }
-
     /// The bytes held for it.
     fn bytes(&self) -> u64 {
-        match self {
-            Item::Decoded { add, .. } => add.data.len() as u64,
-            Item::Computed(c) => c.bytes.len() as u64,
-        }
+        self.bytes.len() as u64
     }
 
-    /// Its path, made on the task's thread for a computed add.
+    /// Its path, made on the task's thread.
     fn path(&self) -> Result<StorePath> {
-        match self {
-            Item::Decoded { path, .. } => Ok(path.clone()),
-            Item::Computed(c) => Ok(StorePath::from_checked_parts(c.hash, c.name()?)),
-        }
+        Ok(StorePath::from_checked_parts(self.hash, self.name()?))
     }
 
-    /// The add and its content address, checked against the path it was added at.
-    fn decode(self, store_dir: &StoreDir) -> Result<(StorePath, CaAdd, ContentAddress)> {
-        match self {
-            Item::Decoded { path, add, ca } => Ok((path, add, ca)),
-            Item::Computed(c) => c.decode(store_dir),
-        }
+    /// The method, its algorithm, and the data.
+    fn contents(&self) -> Result<(ContentAddressMethod, HashAlgo, &[u8])> {
+        let (method, algo) = ContentAddressMethod::parse_with_algo(self.text(self.ends[0], self.ends[1])?)?;
+        Ok((method, algo, &self.bytes[self.ends[2]..]))
     }
-}
 
-impl Computed {
+    /// The path's NAR.
+    fn nar(&self) -> Result<Vec<u8>> {
+        Ok(match self.contents()? {
+            (ContentAddressMethod::Nar, _, data) => data.to_vec(),
+            (_, _, data) => nar::dump_flat_file_contents(data),
+        })
+    }
+
     fn text(&self, from: usize, to: usize) -> Result<&str> {
         std::str::from_utf8(&self.bytes[from..to]).map_err(|e| Error::InvalidRequest(e.to_string()))
     }
@@ -318,20 +339,19 @@ impl Computed {
         Ok(base_name.split_once('-').map_or(base_name, |(_, name)| name))
     }
 
+    /// The add and its content address, checked against the path it was added at.
     fn decode(self, store_dir: &StoreDir) -> Result<(StorePath, CaAdd, ContentAddress)> {
         let base_name = self.base_name()?;
         let path = StorePath::from_base_name(base_name)?;
         let what = |e: &dyn fmt::Display| Error::InvalidRequest(format!("adding '{}': {e}", store_dir.print(&path)));
-        let (method, algo) =
-            ContentAddressMethod::parse_with_algo(self.text(self.ends[0], self.ends[1])?).map_err(|e| what(&e))?;
+        let (method, algo, data) = self.contents().map_err(|e| what(&e))?;
         let references = self
             .text(self.ends[1], self.ends[2])?
             .split_ascii_whitespace()
             .map(StorePath::from_base_name)
             .collect::<std::result::Result<_, _>>()
             .map_err(|e| what(&e))?;
-        let data = self.bytes[self.ends[2]..].to_vec();
-        let add = CaAdd { name: path.name().to_owned(), method, algo, references, data };
+        let add = CaAdd { name: path.name().to_owned(), method, algo, references, data: data.to_vec() };
         match add.info(store_dir) {
             Some((computed, ca)) if computed == path => Ok((path, add, ca)),
             _ => Err(what(&"it is not the path of its contents")),
@@ -356,6 +376,7 @@ impl Uploads {
         let shared = Arc::new(Shared {
             options,
             added: Mutex::default(),
+            confirmed: Notify::new(),
             rooted: Mutex::default(),
             arena: Mutex::default(),
             open: Mutex::default(),
@@ -389,14 +410,16 @@ impl Uploads {
     /// here (see [`CaAdd::path`]) is given back: send it as a request that waits,
     /// after [`Uploads::drain`].
     pub async fn add(&self, add: CaAdd) -> std::result::Result<StorePath, CaAdd> {
-        let Some((path, ca)) = add.info(self.client.store_dir()) else { return Err(add) };
-        if self.repeated(path.hash_bytes()) {
-            return Ok(path);
-        }
-        let item = Item::Decoded { path: path.clone(), add, ca };
-        if let Some(item) = self.try_push(item) {
-            self.reserve(item.bytes()).await;
-            self.push(item);
+        let Some(path) = add.path(self.client.store_dir()) else { return Err(add) };
+        let base_name = path.to_string();
+        let method = add.method.render_with_algo(add.algo);
+        let references = add.references.iter().map(StorePath::to_string).collect::<Vec<_>>().join(" ");
+        let parts = [base_name.as_bytes(), method.as_bytes(), references.as_bytes(), &add.data];
+        if let Some(item) = self.take_new(*path.hash_bytes(), parts) {
+            if let Some(item) = self.try_push(item) {
+                self.reserve(item.bytes()).await;
+                self.push(item);
+            }
         }
         Ok(path)
     }
@@ -414,30 +437,85 @@ impl Uploads {
     /// on the task.
     pub fn add_computed_blocking(&self, base_name: &str, method: &str, references: &str, data: &[u8]) -> Result<()> {
         let hash = StorePath::check_base_name(base_name)?;
-        if self.repeated(&hash) {
-            return Ok(());
-        }
         let parts = [base_name.as_bytes(), method.as_bytes(), references.as_bytes(), data];
-        let bytes = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).copy(&parts);
-        let ends = [base_name.len(), base_name.len() + method.len(), base_name.len() + method.len() + references.len()];
-        let item = Item::Computed(Computed { hash, bytes, ends });
-        if let Some(item) = self.try_push(item) {
-            futures::executor::block_on(self.reserve(item.bytes()));
-            self.push(item);
+        if let Some(item) = self.take_new(hash, parts) {
+            if let Some(item) = self.try_push(item) {
+                futures::executor::block_on(self.reserve(item.bytes()));
+                self.push(item);
+            }
         }
         Ok(())
     }
 
-    /// Whether `path` was added on this connection before (and has not failed):
-    /// then nothing is sent for it. Otherwise it is added now.
-    fn repeated(&self, hash: &[u8; 20]) -> bool {
-        if self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).insert(*hash) {
-            return false;
+    /// An add's arguments in one copy, unless its path was added on this connection
+    /// before (and has not failed): then nothing is sent for it. The add is listed
+    /// as added before anyone can look for it.
+    fn take_new(&self, hash: [u8; 20], parts: [&[u8]; 4]) -> Option<Item> {
+        let mut added = self.shared.added();
+        if added.contains_key(&hash) {
+            drop(added);
+            let c = &self.shared.counters;
+            c.added.fetch_add(1, Relaxed);
+            c.repeated.fetch_add(1, Relaxed);
+            return None;
+        }
+        let bytes = self.shared.arena.lock().unwrap_or_else(|p| p.into_inner()).copy(&parts);
+        let ends = [parts[0].len(), parts[0].len() + parts[1].len(), parts[0].len() + parts[1].len() + parts[2].len()];
+        let item = Item { hash, bytes, ends };
+        added.insert(hash, Some(item.clone()));
+        Some(item)
+    }
+
+    /// Whether `path` was added on this connection and has not failed (so far): it
+    /// is valid, or will be once its upload is stored.
+    pub fn was_added(&self, path: &[u8; 20]) -> bool {
+        self.shared.added().contains_key(path)
+    }
+
+    /// Whether `path` was added on this connection and the daemon has not confirmed
+    /// it yet (found it valid, or acknowledged its upload).
+    pub fn is_pending(&self, path: &[u8; 20]) -> bool {
+        self.shared.added().get(path).is_some_and(Option::is_some)
+    }
+
+    /// The NAR of `path` if its add is not confirmed yet, from the contents held for
+    /// it: a read of a path just added needs no wait.
+    pub fn held_nar(&self, path: &[u8; 20]) -> Option<Vec<u8>> {
+        let item = self.shared.added().get(path)?.clone()?;
+        item.nar().ok()
+    }
+
+    /// Returns once the daemon has confirmed `path`'s add, for a caller about to
+    /// read its files. At once if it is not pending; otherwise its check goes out now,
+    /// and this waits for that check and, if the path was missing, its upload (and so
+    /// for adds before it, which are ahead of it on the connection), not for adds
+    /// after it. If the add failed, returns its failure.
+    pub async fn wait_for(&self, path: &[u8; 20]) -> Result<()> {
+        if !self.is_pending(path) {
+            return Ok(());
         }
         let c = &self.shared.counters;
-        c.added.fetch_add(1, Relaxed);
-        c.repeated.fetch_add(1, Relaxed);
-        true
+        c.path_waits.fetch_add(1, Relaxed);
+        let start = std::time::Instant::now();
+        let _ = self.commands.send(Command::SendNow);
+        loop {
+            let confirmed = self.shared.confirmed.notified();
+            tokio::pin!(confirmed);
+            confirmed.as_mut().enable();
+            if !self.is_pending(path) {
+                break;
+            }
+            if self.client.is_closed() {
+                break;
+            }
+            confirmed.await;
+        }
+        c.path_wait_nanos.fetch_add(start.elapsed().as_nanos().try_into().unwrap_or(u64::MAX), Relaxed);
+        if self.was_added(path) && !self.client.is_closed() {
+            return Ok(());
+        }
+        // It failed: its failure (or the connection's) is deferred; report it here.
+        self.client.flush().await
     }
 
     /// Takes `item` if memory is there for it; otherwise gives it back, to wait.
@@ -519,6 +597,8 @@ impl Uploads {
             failed: c.failed.load(Relaxed),
             drains: c.drains.load(Relaxed),
             drain_time: Duration::from_nanos(c.drain_nanos.load(Relaxed)),
+            path_waits: c.path_waits.load(Relaxed),
+            path_wait_time: Duration::from_nanos(c.path_wait_nanos.load(Relaxed)),
             memory_waits: c.memory_waits.load(Relaxed),
             peak_pending_bytes: c.peak_pending_bytes.load(Relaxed),
         }
@@ -622,13 +702,13 @@ impl Task {
             for item in items {
                 match item.path() {
                     Ok(path) => {
-                        if rooted.insert(*item.hash()) {
+                        if rooted.insert(item.hash) {
                             unrooted.push(path.clone());
                         }
                         paths.insert(path);
                         checked.push(item);
                     }
-                    Err(e) => self.failed(item.bytes(), item.hash(), e),
+                    Err(e) => self.failed(item.bytes(), &item.hash, e),
                 }
             }
         }
@@ -659,7 +739,7 @@ impl Task {
         let (valid, missing): (Vec<Item>, Vec<Item>) = match result {
             Ok(valid) => {
                 let valid: PathSet = valid.iter().map(|p| *p.hash_bytes()).collect();
-                items.into_iter().partition(|i| valid.contains(i.hash()))
+                items.into_iter().partition(|i| valid.contains(&i.hash))
             }
             Err(e) => {
                 // Upload them all: the daemon skips what it has.
@@ -669,6 +749,7 @@ impl Task {
         };
         let freed: u64 = valid.iter().map(Item::bytes).sum();
         self.shared.counters.valid.fetch_add(valid.len() as u64, Relaxed);
+        self.shared.confirm(valid.iter().map(|i| &i.hash));
         self.shared.unresolved.fetch_sub(valid.len() as u64, Relaxed);
         self.shared.release(freed);
         self.upload(missing).await;
@@ -704,14 +785,14 @@ impl Task {
         self.shared.counters.failed.fetch_add(1, Relaxed);
         self.shared.unresolved.fetch_sub(1, Relaxed);
         self.shared.release(bytes);
-        self.shared.added.lock().unwrap_or_else(|p| p.into_inner()).remove(hash);
+        self.shared.forget([hash]);
     }
 
     async fn send_upload(&mut self, items: Vec<Item>) {
         let mut decoded = Vec::with_capacity(items.len());
         let mut bytes = 0;
         for item in items {
-            let (size, hash) = (item.bytes(), *item.hash());
+            let (size, hash) = (item.bytes(), item.hash);
             match item.decode(self.client.store_dir()) {
                 Ok(d) => {
                     bytes += size;
@@ -734,13 +815,14 @@ impl Task {
         // Runs on the reader, before the next reply is delivered, so that the call
         // that waits next sees the failure and the counters are up to date.
         let done = move |r: Result<()>| {
-            if let Err(e) = r {
-                failures.defer(e);
-                shared.counters.failed.fetch_add(paths.len() as u64, Relaxed);
-                // Let a later add of these paths try again.
-                let mut added = shared.added.lock().unwrap_or_else(|p| p.into_inner());
-                for p in &paths {
-                    added.remove(p.hash_bytes());
+            let hashes = paths.iter().map(StorePath::hash_bytes);
+            match r {
+                Ok(()) => shared.confirm(hashes),
+                Err(e) => {
+                    failures.defer(e);
+                    shared.counters.failed.fetch_add(paths.len() as u64, Relaxed);
+                    // Let a later add of these paths try again.
+                    shared.forget(hashes);
                 }
             }
             shared.release(bytes);
@@ -781,6 +863,9 @@ async fn sleep_until(deadline: Option<Instant>) {
 /// name is hashed into it). Those bytes are a digest already: the set uses eight of
 /// them as the hash rather than hashing them again.
 type PathSet = HashSet<[u8; 20], BuildHasherDefault<DigestHasher>>;
+
+/// See [`Shared::added`].
+type AddedMap = HashMap<[u8; 20], Option<Item>, BuildHasherDefault<DigestHasher>>;
 
 #[derive(Default)]
 struct DigestHasher(u64);

@@ -222,3 +222,33 @@ async fn gives_back_adds_it_cannot_compute() {
     assert_eq!(back.name, "git");
     assert_eq!(u.stats().added, 0);
 }
+
+/// A path just added is known to this connection at once: valid, with its NAR held
+/// until the daemon confirms it (the NAR the daemon then has), and a wait for it
+/// returns once it is confirmed, without a drain. A path added with a batch delay
+/// far longer than the test waits is confirmed only because a wait asked for it.
+#[tokio::test]
+async fn added_paths_are_read_from_what_is_held_until_confirmed() {
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let c = d.connect().await;
+    let options = UploadOptions { batch_delay: std::time::Duration::from_secs(3600), ..UploadOptions::default() };
+    let u = Uploads::new(c.clone(), options);
+    let adds = chain(&c, "held", 3);
+    let paths = add_all(&u, adds.clone()).await;
+    let [first, _, last] = [0, 1, 2].map(|i| *paths[i].hash_bytes());
+    let unknown = *text("unknown", "never added", BTreeSet::new()).path(c.store_dir()).unwrap().hash_bytes();
+
+    assert!(u.was_added(&first) && u.is_pending(&first) && !u.was_added(&unknown));
+    let held = u.held_nar(&last).expect("a pending path's NAR");
+    assert!(u.held_nar(&unknown).is_none());
+
+    u.wait_for(&unknown).await.unwrap();
+    u.wait_for(&first).await.unwrap();
+    assert!(!u.is_pending(&first) && u.was_added(&first) && u.held_nar(&first).is_none());
+    // One check went out for all three, so all three were uploaded together.
+    assert!(!u.is_pending(&last));
+    let s = u.stats();
+    assert_eq!((s.path_waits, s.drains, s.check_batches, s.uploaded), (1, 0, 1, 3), "{s}");
+    let nar = c.nar_from_path(&paths[2]).await.unwrap().0;
+    assert!(nar == held, "the held NAR is not the daemon's");
+}
