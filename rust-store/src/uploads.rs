@@ -485,6 +485,15 @@ impl Uploads {
         item.nar().ok()
     }
 
+    /// The info the daemon will have for `path` (its NAR's hash and size, its
+    /// references and content address) if its add is not confirmed yet, computed
+    /// from the contents held for it; the registration time is left for the caller.
+    pub fn held_info(&self, path: &[u8; 20]) -> Option<ValidPathInfo> {
+        let item = self.shared.added().get(path)?.clone()?;
+        let (path, add, ca) = item.decode(self.client.store_dir()).ok()?;
+        Some(add.into_nar(path, ca).0)
+    }
+
     /// Returns once the daemon has confirmed `path`'s add, for a caller about to
     /// read its files. At once if it is not pending; otherwise its check goes out now,
     /// and this waits for that check and, if the path was missing, its upload (and so
