@@ -16,9 +16,14 @@
 //!
 //! The sync points, where the daemon has seen every earlier addition: each call that
 //! waits ([`DaemonConnection::call`]) resolves the additions first, so that they are
-//! ahead of it on the connection; [`DaemonConnection::sync`], which C++ calls before
-//! reading the store's files, and [`DaemonConnection::flush`], which it calls when
-//! the store closes, also wait until the uploads are stored.
+//! ahead of it on the connection; [`DaemonConnection::flush`], which C++ calls when
+//! the store closes, also waits until the uploads are stored.
+//!
+//! Reading the store's files waits only for the path read: a path added on this
+//! connection is known valid ([`DaemonConnection::was_added`]), and read, while the
+//! daemon has not confirmed it, from the contents held for it
+//! ([`DaemonConnection::held_nar`]); a caller that reads the files themselves
+//! ([`DaemonConnection::sync_path`]) waits for that path's own addition only.
 //!
 //! Failures come back as an [`ffi::Outcome`] holding an error in the worker protocol's
 //! own error encoding, which C++ rethrows with `readError`, as the C++ client does. A
@@ -40,7 +45,7 @@ use rust_store::logger::{Activity, Field, Logger};
 use rust_store::ops::Op;
 use rust_store::types::TrustedFlag;
 use rust_store::uploads::{UploadOptions, Uploads};
-use rust_store::{Client, ConnectOptions, Error, StoreDir};
+use rust_store::{Client, ConnectOptions, Error, StoreDir, StorePath};
 use tokio::runtime::Runtime;
 
 #[cxx::bridge(namespace = "nix::rust_store")]
@@ -49,6 +54,18 @@ mod ffi {
     struct Outcome {
         ok: bool,
         data: Vec<u8>,
+    }
+
+    /// What the daemon will know of a path whose addition it has not confirmed yet.
+    #[derive(Default)]
+    struct HeldPathInfo {
+        /// SHA-256 of its NAR, in base 16.
+        nar_hash: String,
+        nar_size: u64,
+        /// The base names of its references.
+        references: Vec<String>,
+        /// Its content address, rendered (`text:sha256:…`).
+        ca: String,
     }
 
     extern "Rust" {
@@ -113,10 +130,24 @@ mod ffi {
         /// without waiting, if any.
         fn flush(self: &DaemonConnection) -> Outcome;
 
-        /// Like flush, but only if an addition is not confirmed yet or a failure is
-        /// unreported; otherwise returns at once. For callers about to read the
-        /// store's files.
-        fn sync(self: &DaemonConnection) -> Outcome;
+        /// Whether the path with this base name was added on this connection and has
+        /// not failed: it is valid, or will be once its upload is stored.
+        fn was_added(self: &DaemonConnection, base_name: &str) -> bool;
+
+        /// If the path with this base name was added on this connection and the
+        /// daemon has not confirmed it yet, puts its NAR, from the contents held for
+        /// it, into `nar` and returns true; otherwise returns false.
+        fn held_nar(self: &DaemonConnection, base_name: &str, nar: &mut Vec<u8>) -> bool;
+
+        /// Like `held_nar`, for the path's info.
+        fn held_path_info(self: &DaemonConnection, base_name: &str, info: &mut HeldPathInfo) -> bool;
+
+        /// For a caller about to read the files of the path with this base name:
+        /// waits until the daemon has confirmed the path's own addition, if it was
+        /// added on this connection and is not confirmed yet (not for additions
+        /// after it), and returns its failure, or an unreported earlier one. At once
+        /// for any other path.
+        fn sync_path(self: &DaemonConnection, base_name: &str) -> Outcome;
 
         /// The connection's counters, as a JSON object.
         fn stats_json(self: &DaemonConnection) -> String;
@@ -504,11 +535,61 @@ impl DaemonConnection {
         })
     }
 
-    fn sync(&self) -> Outcome {
-        if self.live.uploads.is_idle() && !self.live.client.has_unreported_failure() {
-            return ok(Vec::new());
-        }
-        self.flush()
+    fn was_added(&self, base_name: &str) -> bool {
+        guard("was_added", || {
+            StorePath::check_base_name(base_name).is_ok_and(|hash| self.live.uploads.was_added(&hash))
+        })
+        .unwrap_or(false)
+    }
+
+    fn held_nar(&self, base_name: &str, nar: &mut Vec<u8>) -> bool {
+        guard("held_nar", || {
+            let Ok(hash) = StorePath::check_base_name(base_name) else { return false };
+            match self.live.uploads.held_nar(&hash) {
+                Some(held) => {
+                    *nar = held;
+                    true
+                }
+                None => false,
+            }
+        })
+        .unwrap_or(false)
+    }
+
+    fn held_path_info(&self, base_name: &str, out: &mut ffi::HeldPathInfo) -> bool {
+        guard("held_path_info", || {
+            let Ok(hash) = StorePath::check_base_name(base_name) else { return false };
+            let Some(held) = self.live.uploads.held_info(&hash) else { return false };
+            let info = &held.info;
+            *out = ffi::HeldPathInfo {
+                nar_hash: info.nar_hash.to_base16(),
+                nar_size: info.nar_size,
+                references: info.references.iter().map(StorePath::to_string).collect(),
+                ca: info.ca.as_ref().map(|ca| ca.render()).unwrap_or_default(),
+            };
+            true
+        })
+        .unwrap_or(false)
+    }
+
+    fn sync_path(&self, base_name: &str) -> Outcome {
+        outcome("sync_path", || {
+            // Not a path this connection added: nothing to wait for; the caller's
+            // read says what is wrong with it.
+            let Ok(hash) = StorePath::check_base_name(base_name) else { return ok(Vec::new()) };
+            let live = &self.live;
+            if !live.uploads.is_pending(&hash) && !live.client.has_unreported_failure() {
+                return ok(Vec::new());
+            }
+            let live = live.clone();
+            match self.wait(async move {
+                live.uploads.wait_for(&hash).await?;
+                if live.client.has_unreported_failure() { live.client.flush().await } else { Ok(()) }
+            }) {
+                Ok(()) => ok(Vec::new()),
+                Err(e) => failed(&e),
+            }
+        })
     }
 
     /// Runs `fut` on the runtime and waits for it; a lost request is an error.
@@ -527,7 +608,7 @@ impl DaemonConnection {
             let uploads = format!(
                 "{{\"added\":{},\"repeated\":{},\"checked\":{},\"checkBatches\":{},\"skippedValid\":{},\
                  \"uploaded\":{},\"uploadBatches\":{},\"failed\":{},\"drains\":{},\"drainTimeMs\":{:.3},\
-                 \"memoryWaits\":{},\"peakPendingBytes\":{}}}",
+                 \"pathWaits\":{},\"pathWaitTimeMs\":{:.3},\"memoryWaits\":{},\"peakPendingBytes\":{}}}",
                 u.added,
                 u.repeated,
                 u.checked,
@@ -538,6 +619,8 @@ impl DaemonConnection {
                 u.failed,
                 u.drains,
                 u.drain_time.as_secs_f64() * 1e3,
+                u.path_waits,
+                u.path_wait_time.as_secs_f64() * 1e3,
                 u.memory_waits,
                 u.peak_pending_bytes
             );
