@@ -3,14 +3,14 @@
 # earlier derivations. `salt` changes every store path, for runs where all are new.
 #
 #   nix-instantiate workload.nix --arg n 3000 --argstr salt "$RANDOM"
-{ n ? 3000, salt ? "" }:
+{ n ? 3000, salt ? "", system ? builtins.currentSystem }:
 
 let
   shared = ./shared-input.txt;
 
   drv = i: derivation {
     name = "bench-${toString i}";
-    system = builtins.currentSystem;
+    inherit system;
     builder = "/bin/sh";
     args = [ (builtins.toFile "builder-${toString i}.sh" ''
       # ${salt}

@@ -6,10 +6,10 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 /// The C API's public headers this program uses.
-const HEADERS: [&str; 4] = ["nix_api_util.h", "nix_api_store.h", "nix_api_expr.h", "nix_api_value.h"];
+const HEADERS: [&str; 5] = ["nix_api_util.h", "nix_api_store.h", "nix_api_expr.h", "nix_api_value.h", "nix_api_flake.h"];
 
 /// The C API's libraries, as pkg-config names them (each brings nix-util-c along).
-const PACKAGES: [&str; 2] = ["nix-store-c", "nix-expr-c"];
+const PACKAGES: [&str; 3] = ["nix-store-c", "nix-expr-c", "nix-flake-c"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

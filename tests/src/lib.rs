@@ -351,3 +351,54 @@ fn kill(pid: u32) {
     // The process may have exited already; that is fine.
     let _ = Command::new("kill").arg("-KILL").arg(pid.to_string()).stderr(Stdio::null()).status();
 }
+
+/// The workloads' files, which make a flake.
+const FLAKE_FILES: [(&str, &str); 4] = [
+    ("flake.nix", include_str!("../../bench/flake.nix")),
+    ("workload.nix", include_str!("../../bench/workload.nix")),
+    ("nixpkgs.nix", include_str!("../../bench/nixpkgs.nix")),
+    ("shared-input.txt", include_str!("../../bench/shared-input.txt")),
+];
+
+/// The system the flake's packages are for.
+pub const SYSTEM: &str = "x86_64-linux";
+
+/// A git repository holding the workloads as a flake, in the daemon's directory and
+/// owned by the client user, to which each [`Flake::commit`] adds a commit.
+pub struct Flake<'d> {
+    d: &'d Daemon,
+    commits: usize,
+}
+
+impl<'d> Flake<'d> {
+    pub fn new(d: &'d Daemon) -> Flake<'d> {
+        let dir = d.host_path("flake");
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, text) in FLAKE_FILES {
+            std::fs::write(dir.join(name), text).unwrap();
+        }
+        let flake = Flake { d, commits: 0 };
+        d.nix_ok(&["chown", "-R", client_user(), &d.inner_path("flake")]);
+        flake.git("git init -q && git config user.name test && git config user.email test@localhost");
+        flake
+    }
+
+    fn git(&self, script: &str) {
+        let out =
+            self.d.run_as(client_user(), &[], &["sh", "-c", &format!("cd {} && {script}", self.d.inner_path("flake"))]);
+        assert!(out.status.success(), "git: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// Commits the workload's parameters anew (a new commit even if they are the
+    /// same, as CI evaluates each commit) and returns the flake's reference.
+    pub fn commit(&mut self, shape: &str, n: usize, salt: &str) -> String {
+        self.commits += 1;
+        let params = format!(
+            "# commit {}\n{{ shape = \"{shape}\"; n = {n}; salt = \"{salt}\"; system = \"{SYSTEM}\"; }}\n",
+            self.commits
+        );
+        std::fs::write(self.d.host_path("flake/params.nix"), params).unwrap();
+        self.git(&format!("git add -A && git commit -qm 'commit {}'", self.commits));
+        format!("git+file://{}", self.d.inner_path("flake"))
+    }
+}

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, client_user, fork_built, nix_root};
+use store_tests::{Daemon, FORK_PREFIX, Flake, Nix, Trust, client_user, fork_built, nix_root};
 
 /// The consumer's sources in this repository.
 const CONSUMER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/c-api-consumer");
@@ -150,4 +150,45 @@ fn c_api_consumer_evaluates_through_the_rust_client() {
     assert!(cli.status.success(), "nix eval failed ({}):\n{cli_stderr}", cli.status);
     let cli_drv = String::from_utf8(cli.stdout).expect("UTF-8 output");
     assert_eq!(cli_drv, drv, "the CLI and the consumer disagree; the consumer's stderr:\n{stderr}");
+}
+
+/// The consumer evaluates a flake's outputs through the C API's flake support
+/// (libflake-c's `nix_flake_init_global`, then `builtins.getFlake`), as an
+/// evaluation worker on the C API does: through the Rust client, the derivations
+/// the CLI prints, each written to the daemon's store with its closure.
+#[test]
+fn c_api_consumer_evaluates_a_flake_through_the_rust_client() {
+    if !fork_built() {
+        return;
+    }
+    let consumer = build_consumer();
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let user = client_user();
+    let mut flake = Flake::new(&d);
+    let flake_ref = flake.commit("nixpkgs", 100, "c-api");
+    let features = ("NIX_CONFIG", "experimental-features = nix-command flakes");
+    let expr = format!(r#"builtins.concatStringsSep "\n" (builtins.getFlake "{flake_ref}").drvPaths"#);
+
+    let out = d.run_as(user, &[features], &[&consumer, &expr]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the consumer failed ({}):\n{stderr}\ndaemon log:\n{}", out.status, d.log());
+    assert_ne!(field(&stderr, "rust-client-threads"), "0", "{stderr}");
+    let drvs: Vec<String> = String::from_utf8(out.stdout).expect("UTF-8 output").lines().map(str::to_owned).collect();
+    assert!(drvs.len() >= 100, "{} paths:\n{stderr}", drvs.len());
+
+    // Written: every printed .drv is valid, with its closure.
+    let mut args = vec!["nix-store", "-qR"];
+    args.extend(drvs.iter().map(String::as_str));
+    let closure = d.nix_ok(&args);
+    let mut check = vec!["nix-store", "--check-validity"];
+    check.extend(closure.lines());
+    d.nix_ok(&check);
+
+    // The same derivations as the fork's CLI.
+    let nix = format!("{FORK_PREFIX}/bin/nix");
+    let cli = d.run_as(user, &[features], &[&nix, "eval", "--json", &format!("{flake_ref}#drvPaths")]);
+    let cli_stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(cli.status.success(), "nix eval failed ({}):\n{cli_stderr}", cli.status);
+    let cli_drvs: Vec<String> = serde_json::from_slice(&cli.stdout).expect("a JSON list");
+    assert!(cli_drvs == drvs, "the CLI and the consumer disagree; the consumer's stderr:\n{stderr}");
 }

@@ -3,7 +3,9 @@
 //! Usage: `c-api-consumer EXPR`
 //!
 //! Opens the default store, evaluates EXPR, which must give a string (a derivation's
-//! `drvPath`, say), and prints that string on stdout. On stderr it prints
+//! `drvPath`, say), and prints that string on stdout. Flakes are registered
+//! (libflake-c), so EXPR may use `builtins.getFlake` where the `flakes` experimental
+//! feature is enabled. On stderr it prints
 //! `store: URI`, the store it opened, and `rust-client-threads: N`, how many of its
 //! threads belong to the Rust daemon client's runtime. Any error ends it with
 //! status 1 and Nix's message on stderr.
@@ -51,6 +53,9 @@ fn run(expr: Vec<u8>) -> Result<(), String> {
     ctx.ok("nix_libutil_init", unsafe { ffi::nix_libutil_init(ctx.0) })?;
     ctx.ok("nix_libstore_init", unsafe { ffi::nix_libstore_init(ctx.0) })?;
     ctx.ok("nix_libexpr_init", unsafe { ffi::nix_libexpr_init(ctx.0) })?;
+    let flake_settings = unsafe { ffi::nix_flake_settings_new(ctx.0) };
+    let flake_settings = FlakeSettings(ctx.non_null("nix_flake_settings_new", flake_settings)?);
+    ctx.ok("nix_flake_init_global", unsafe { ffi::nix_flake_init_global(ctx.0, flake_settings.0) })?;
 
     // A null URI: the store the settings choose (`auto` unless configured).
     let store = unsafe { ffi::nix_store_open(ctx.0, ptr::null(), ptr::null_mut()) };
@@ -185,6 +190,14 @@ unsafe extern "C" fn append_string(start: *const c_char, n: c_uint, data: *mut c
     // invokes this callback.
     let buf = unsafe { &mut *data.cast::<Vec<u8>>() };
     buf.extend_from_slice(unsafe { std::slice::from_raw_parts(start.cast::<u8>(), n as usize) });
+}
+
+struct FlakeSettings(*mut ffi::nix_flake_settings);
+
+impl Drop for FlakeSettings {
+    fn drop(&mut self) {
+        unsafe { ffi::nix_flake_settings_free(self.0) }
+    }
 }
 
 struct Store(*mut ffi::Store);
