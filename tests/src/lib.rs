@@ -295,6 +295,22 @@ impl Daemon {
         self.command_as(user, env, args).output().expect("run a command as the client user")
     }
 
+    /// Every path in `paths`, with its closure, is valid in the store (a
+    /// `nix-store --check-validity` of the whole closure) and on disk.
+    pub fn assert_closure_valid(&self, paths: &[String]) {
+        let mut args = vec!["nix-store", "-qR"];
+        args.extend(paths.iter().map(String::as_str));
+        let closure = self.nix_ok(&args);
+        let closure: Vec<&str> = closure.lines().collect();
+        assert!(closure.len() > paths.len(), "the closure of {} paths has {} paths", paths.len(), closure.len());
+        let mut args = vec!["nix-store", "--check-validity"];
+        args.extend(closure.iter().copied());
+        self.nix_ok(&args);
+        for p in &closure {
+            assert!(self.real_path(p).exists(), "{p} is valid but not on disk");
+        }
+    }
+
     /// Like [`Daemon::nix`], returning stdout and panicking on failure.
     pub fn nix_ok(&self, args: &[&str]) -> String {
         let out = self.nix(args);

@@ -177,12 +177,7 @@ fn c_api_consumer_evaluates_a_flake_through_the_rust_client() {
     assert!(drvs.len() >= 100, "{} paths:\n{stderr}", drvs.len());
 
     // Written: every printed .drv is valid, with its closure.
-    let mut args = vec!["nix-store", "-qR"];
-    args.extend(drvs.iter().map(String::as_str));
-    let closure = d.nix_ok(&args);
-    let mut check = vec!["nix-store", "--check-validity"];
-    check.extend(closure.lines());
-    d.nix_ok(&check);
+    d.assert_closure_valid(&drvs);
 
     // The same derivations as the fork's CLI.
     let nix = format!("{FORK_PREFIX}/bin/nix");

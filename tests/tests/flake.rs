@@ -41,21 +41,6 @@ fn blocking_waits(client: &serde_json::Value) -> u64 {
     count(client, "waits") + count(u, "drains") + count(u, "pathWaits") + count(u, "memoryWaits")
 }
 
-/// Every path printed, with its closure, is valid and on disk.
-fn assert_closure_valid(d: &Daemon, paths: &[String]) {
-    let mut args = vec!["nix-store", "-qR"];
-    args.extend(paths.iter().map(String::as_str));
-    let closure = d.nix_ok(&args);
-    let closure: Vec<&str> = closure.lines().collect();
-    assert!(closure.len() > paths.len(), "the closure of {} paths has {} paths", paths.len(), closure.len());
-    let mut args = vec!["nix-store", "--check-validity"];
-    args.extend(closure.iter().copied());
-    d.nix_ok(&args);
-    for p in &closure {
-        assert!(d.real_path(p).exists(), "{p} is valid but not on disk");
-    }
-}
-
 /// `nix eval` of a commit, every path new and then every path valid (a new commit
 /// with the same derivations), for both workload shapes: the Rust client prints
 /// what stock prints, leaves every .drv and its closure valid, and blocks only a
@@ -76,7 +61,7 @@ fn nix_eval_of_a_flake_matches_stock_and_blocks_a_few_times() {
         let fork = eval(true, &new);
         let new_stats = client_stats(&d);
         assert!(fork.len() >= n, "{shape}: {} paths", fork.len());
-        assert_closure_valid(&d, &fork);
+        d.assert_closure_valid(&fork);
         let stock = eval(false, &flake.commit(shape, n, "new"));
         assert!(fork == stock, "{shape}: the Rust client printed other .drv paths than stock");
 

@@ -250,22 +250,6 @@ async fn fork_fails_cleanly_when_the_daemon_dies() {
     }
 }
 
-/// Every path a run printed, with its closure, is valid in the daemon's store (a
-/// `nix-store --check-validity` of the whole closure).
-fn assert_closure_valid(d: &Daemon, drvs: &[String]) {
-    let mut args = vec!["nix-store", "-qR"];
-    args.extend(drvs.iter().map(String::as_str));
-    let closure = d.nix_ok(&args);
-    let closure: Vec<&str> = closure.lines().collect();
-    assert!(closure.len() > drvs.len(), "the closure of {} drvs has {} paths", drvs.len(), closure.len());
-    let mut args = vec!["nix-store", "--check-validity"];
-    args.extend(closure.iter().copied());
-    d.nix_ok(&args);
-    for p in &closure {
-        assert!(d.real_path(p).exists(), "{p} is valid but not on disk");
-    }
-}
-
 /// The garbage collector running in a loop while the Rust client evaluates the
 /// workload with `--add-root`, a third of whose paths are already in the store
 /// (unrooted, so garbage) and the rest new: every .drv it printed, and its whole
@@ -330,7 +314,7 @@ fn garbage_collection_during_evaluation_keeps_what_it_printed() {
     let drvs: Vec<String> =
         links.iter().map(|l| std::fs::read_link(d.real_path(l)).unwrap().to_string_lossy().into_owned()).collect();
     assert!(drvs.iter().all(|p| p.ends_with(".drv")), "{:?}", &drvs[..3]);
-    assert_closure_valid(&d, &drvs);
+    d.assert_closure_valid(&drvs);
 }
 
 /// Sets its flag when dropped.
@@ -368,5 +352,5 @@ fn eight_evaluations_at_once() {
     let outputs: Vec<Vec<String>> = children.into_iter().map(|c| ok(c.wait_with_output().unwrap(), "fork")).collect();
     assert_eq!(outputs[0].len(), 1000);
     assert!(outputs.iter().all(|o| *o == outputs[0]), "the eight evaluations printed different paths");
-    assert_closure_valid(&d, &outputs[0]);
+    d.assert_closure_valid(&outputs[0]);
 }
