@@ -453,6 +453,26 @@ impl Client {
         }
     }
 
+    /// Room in the queue for one request, for a thread outside the runtime: blocks
+    /// the thread while the queue is full. Sending into it ([`Call::send_in`]) never
+    /// blocks, so a caller can wait for room first and then send while it holds a
+    /// lock that the connection's tasks may need.
+    pub fn reserve_blocking(&self) -> Result<Room<'_>> {
+        let shared = &self.inner.shared;
+        if shared.cause.get().is_some() {
+            return Err(shared.disconnected());
+        }
+        let permit = match self.inner.requests.try_reserve() {
+            Ok(permit) => permit,
+            Err(mpsc::error::TrySendError::Full(())) => {
+                shared.stats.backpressure();
+                futures::executor::block_on(self.inner.requests.reserve()).map_err(|_| shared.disconnected())?
+            }
+            Err(mpsc::error::TrySendError::Closed(())) => return Err(shared.disconnected()),
+        };
+        Ok(Room { permit })
+    }
+
     /// Like [`Client::submit`], for a thread outside the runtime: blocks the thread
     /// if the queue is full.
     fn submit_blocking(&self, msg: Message) -> Result<()> {
@@ -461,6 +481,12 @@ impl Client {
             Some(msg) => self.inner.requests.blocking_send(msg).map_err(|_| self.inner.shared.disconnected()),
         }
     }
+}
+
+/// Room for one request in a connection's queue: see [`Client::reserve_blocking`].
+/// Dropping it unused gives the room back.
+pub struct Room<'c> {
+    permit: mpsc::Permit<'c, Message>,
 }
 
 /// See [`Client::failure_sink`].
@@ -552,6 +578,14 @@ impl<'c, T: Send + 'static> Call<'c, T> {
     pub fn send_blocking(self) -> Result<()> {
         let (client, msg) = self.deferred()?;
         client.submit_blocking(msg)
+    }
+
+    /// [`Call::send`] into room reserved before ([`Client::reserve_blocking`]):
+    /// never waits.
+    pub fn send_in(self, room: Room<'_>) -> Result<()> {
+        let (_, msg) = self.deferred()?;
+        room.permit.send(msg);
+        Ok(())
     }
 
     /// Sends the request without waiting, and hands its result to `handler` when the

@@ -551,15 +551,25 @@ impl Uploads {
         }
     }
 
-    /// Roots `path` for this connection without waiting, once.
+    /// Roots `path` for this connection without waiting, once. Blocks the calling
+    /// thread (outside the runtime) only while the connection's queue is full, and
+    /// then holds no lock: the task takes the same one on the runtime, whose tasks
+    /// are what makes room.
     pub fn add_temp_root(&self, path: &StorePath) -> Result<()> {
-        let mut rooted = self.shared.rooted.lock().unwrap_or_else(|p| p.into_inner());
-        if rooted.contains(path.hash_bytes()) {
+        let rooted = || self.shared.rooted.lock().unwrap_or_else(|p| p.into_inner());
+        if rooted().contains(path.hash_bytes()) {
             return Ok(());
         }
-        self.client.add_temp_root(path).send_blocking()?;
-        rooted.insert(*path.hash_bytes());
-        Ok(())
+        let room = self.client.reserve_blocking()?;
+        // Marked and sent under the lock, so that the task, which roots the paths it
+        // checks, never sends a check for this path ahead of its root.
+        let mut rooted = rooted();
+        if !rooted.insert(*path.hash_bytes()) {
+            return Ok(());
+        }
+        self.client.add_temp_root(path).send_in(room).inspect_err(|_| {
+            rooted.remove(path.hash_bytes());
+        })
     }
 
     /// Returns once every add made before is known valid or has its upload on the

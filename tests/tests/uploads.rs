@@ -252,3 +252,65 @@ async fn added_paths_are_read_from_what_is_held_until_confirmed() {
     let nar = c.nar_from_path(&paths[2]).await.unwrap().0;
     assert!(nar == held, "the held NAR is not the daemon's");
 }
+
+/// Temp roots from many threads while uploads run, on a connection with room for
+/// only two requests in flight and a runtime with one worker, as the bridge runs it:
+/// a root that waits for room in the queue must not hold anything the upload task
+/// needs, or the task blocks the only worker and the queue never drains. Bounded in
+/// time: a hang fails the test (leaving the stuck runtime behind, since dropping it
+/// would wait for its worker).
+#[test]
+fn temp_roots_waiting_for_room_do_not_block_the_uploads() {
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let c = rt.block_on(d.connect_with(ConnectOptions { max_in_flight: 2, ..d.options() }));
+    let options = UploadOptions { check_batch: 4, batch_delay: std::time::Duration::ZERO, ..UploadOptions::default() };
+    let u = Arc::new(rt.block_on(async { Uploads::new(c.clone(), options) }));
+    let adds = chain(&c, "roots", 400);
+    let paths: Vec<StorePath> = adds.iter().map(|a| a.path(c.store_dir()).unwrap()).collect();
+    // As the bridge hands them over: base name, references, contents.
+    let computed: Vec<(String, String, Vec<u8>)> = adds
+        .iter()
+        .zip(&paths)
+        .map(|(a, p)| {
+            let refs = a.references.iter().map(StorePath::to_string).collect::<Vec<_>>().join(" ");
+            (p.to_string(), refs, a.data.clone())
+        })
+        .collect();
+    let work = {
+        let (u, paths) = (u.clone(), paths.clone());
+        std::thread::spawn(move || {
+            std::thread::scope(|s| {
+                // An adder, as the evaluator adds.
+                s.spawn(|| {
+                    for (base_name, refs, data) in &computed {
+                        u.add_computed_blocking(base_name, "text:sha256", refs, data).unwrap();
+                    }
+                });
+                // Rooters, each rooting the paths, racing the task's own roots.
+                for t in 0..4 {
+                    let (u, paths) = (&u, &paths);
+                    s.spawn(move || {
+                        for p in paths.iter().skip(t) {
+                            u.add_temp_root(p).unwrap();
+                        }
+                    });
+                }
+            })
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !work.is_finished() {
+        if std::time::Instant::now() > deadline {
+            std::mem::forget((rt, u, c));
+            panic!("temp roots and uploads deadlocked");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    work.join().unwrap();
+    rt.block_on(async {
+        u.drain().await.unwrap();
+        c.flush().await.unwrap();
+        assert_valid(&c, &paths).await;
+    });
+}
