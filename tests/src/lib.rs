@@ -22,13 +22,23 @@ pub enum Nix {
     V2_26,
     /// 2.8.0, an older protocol.
     V2_8,
+    /// The fork's own daemon (tools/build-fork), in the 2.26.3 root.
+    Fork,
 }
 
 impl Nix {
     fn root_name(self) -> &'static str {
         match self {
-            Nix::V2_26 => "trixie",
+            Nix::V2_26 | Nix::Fork => "trixie",
             Nix::V2_8 => "bookworm",
+        }
+    }
+
+    /// The daemon's program, as its root sees it.
+    fn daemon_program(self) -> String {
+        match self {
+            Nix::Fork => format!("{FORK_PREFIX}/bin/nix-daemon"),
+            Nix::V2_26 | Nix::V2_8 => "nix-daemon".to_owned(),
         }
     }
 }
@@ -179,7 +189,7 @@ impl Daemon {
             .arg("-i")
             .args(Self::env_of(&dir))
             .arg("NIX_REMOTE=local")
-            .arg("nix-daemon")
+            .arg(nix.daemon_program())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
             .stderr(log)
@@ -326,6 +336,14 @@ impl Daemon {
     /// The daemon's per-connection children.
     pub fn workers(&self) -> Vec<u32> {
         children_of(self.child.id())
+    }
+
+    /// Kills the daemon's connection workers (SIGKILL), leaving the daemon itself
+    /// serving new connections.
+    pub fn kill_workers(&self) {
+        for pid in self.workers() {
+            kill(pid);
+        }
     }
 
     /// Kills the daemon and its connection workers at once.

@@ -327,13 +327,20 @@ impl Drop for StopOnDrop<'_> {
 }
 
 /// Eight evaluations of the same workload at once against one daemon, all with the
-/// Rust client: the same output from each, no error, and everything valid.
+/// Rust client: the same output from each, no error, and everything valid; against
+/// the stock daemon and the fork's, whose batches then wait for each other's locks.
 #[test]
 fn eight_evaluations_at_once() {
     if !fork_built() {
         return;
     }
-    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    for nix in [Nix::V2_26, Nix::Fork] {
+        eight_evaluations_at_once_against(nix);
+    }
+}
+
+fn eight_evaluations_at_once_against(nix: Nix) {
+    let d = Daemon::start(nix, Trust::Untrusted);
     let file = workload(&d);
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let children: Vec<_> = (0..8)
@@ -353,4 +360,87 @@ fn eight_evaluations_at_once() {
     assert_eq!(outputs[0].len(), 1000);
     assert!(outputs.iter().all(|o| *o == outputs[0]), "the eight evaluations printed different paths");
     d.assert_closure_valid(&outputs[0]);
+}
+
+/// The fork's daemon, which registers each AddMultipleToStore batch in one
+/// transaction, stores what the stock daemon stores: the Rust client's evaluation
+/// of the workload through it gives the same paths, NARs and path infos as stock
+/// nix-bin through the stock daemon; stock clients (2.26.3's nix-bin) get the same
+/// answers from it; and its store verifies, contents included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fork_daemon_stores_what_the_stock_daemon_stores() {
+    if !fork_built() {
+        return;
+    }
+    let dir = format!("/tmp/nt-fork-daemon-{}", std::process::id());
+    let (stock, stock_paths) = {
+        let d = Daemon::start_in(Nix::V2_26, Trust::Untrusted, &dir);
+        let paths = ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 500, "daemons"), "stock");
+        (store_contents(&d.connect().await).await, paths)
+    };
+    let d = Daemon::start_in(Nix::Fork, Trust::Untrusted, &dir);
+    let fork_paths = ok(instantiate(&d, &format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust", 500, "daemons"), "fork");
+    assert!(fork_paths == stock_paths, "other .drv paths through the fork's daemon");
+    let fork = store_contents(&d.connect().await).await;
+    assert_eq!(fork.len(), stock.len());
+    for (p, (info, nar)) in &stock {
+        let (finfo, fnar) = fork.get(p).unwrap_or_else(|| panic!("{p} is missing from the fork daemon's store"));
+        assert!(nar == fnar, "{p}: different NAR");
+        assert_eq!(info, finfo, "{p}: different path info");
+    }
+    d.nix_ok(&["nix-store", "--verify", "--check-contents"]);
+    // A stock client against the fork's daemon: all valid already, the same paths.
+    let again =
+        ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 500, "daemons"), "stock against the fork's daemon");
+    assert!(again == stock_paths);
+    // And new paths from it, one AddToStore each.
+    let new =
+        ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 200, "stock-new"), "stock against the fork's daemon");
+    d.assert_closure_valid(&new);
+}
+
+/// The fork's daemon killed (SIGKILL, its connection's process) in the middle of
+/// the Rust client's batches, 20 times: afterwards the store verifies with its
+/// contents, and every path it reports valid has its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fork_daemon_killed_mid_batch_leaves_a_sound_store() {
+    if !fork_built() {
+        return;
+    }
+    let d = Daemon::start(Nix::Fork, Trust::Untrusted);
+    let file = workload(&d);
+    let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let mut killed = 0;
+    for round in 0..20 {
+        let salt = format!("killed-{round}");
+        let child = d
+            .command_as(
+                client_user(),
+                &[("NIX_DAEMON_CLIENT", "rust")],
+                &[&program, &file, "--arg", "n", "3000", "--argstr", "salt", &salt],
+            )
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Into the uploads: some batches registered, one in the middle.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while d.workers().is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        std::thread::sleep(Duration::from_millis(150 + 37 * round));
+        if !d.workers().is_empty() {
+            killed += 1;
+        }
+        d.kill_workers();
+        child.wait_with_output().unwrap();
+    }
+    assert!(killed >= 10, "only {killed} of 20 runs were killed while they ran");
+    d.nix_ok(&["nix-store", "--verify", "--check-contents"]);
+    let c = d.connect().await;
+    let valid = c.query_all_valid_paths().await.unwrap();
+    assert!(valid.len() > 1000, "only {} valid paths", valid.len());
+    for p in &valid {
+        assert!(d.real_path(&d.store_dir.print(p)).exists(), "{p} is valid but not on disk");
+    }
 }

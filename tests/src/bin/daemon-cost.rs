@@ -2,15 +2,21 @@
 //! telling it about content-addressed paths that are already valid: an AddToStore
 //! per path, an AddTempRoot per path, and QueryValidPaths in batches of several
 //! sizes. All requests are pipelined; the figure is the daemon worker's user+system
-//! time per path, which is what bounds a pipelined client.
+//! time per path, which is what bounds a pipelined client. Then what each daemon,
+//! stock 2.26.3's and the fork's (which registers an AddMultipleToStore batch in
+//! one transaction), spends per new path uploaded as rust-store's uploads send them
+//! (root, check, AddMultipleToStore), alternating.
 //!
 //!     cargo run --release -p store-tests --bin daemon-cost -- [N] [ROUNDS]
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
+use rust_store::hash::HashAlgo;
+use rust_store::store_path::ContentAddressMethod;
+use rust_store::uploads::{CaAdd, UploadOptions, Uploads};
 use rust_store::{Client, StorePath};
-use store_tests::{Daemon, Nix, Trust};
+use store_tests::{Daemon, Nix, Trust, fork_built};
 
 /// User plus system CPU time of a process, from /proc.
 fn cpu_time(pid: u32) -> Duration {
@@ -108,5 +114,59 @@ async fn main() {
         wall.sort();
         let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
         println!("{:<36} {:>11.1} us {:>11.1} us", way.label(), per(cpu[rounds / 2]), per(wall[rounds / 2]));
+    }
+    new_paths(n, rounds).await;
+}
+
+/// New paths, each referring to the one before, uploaded through rust-store's
+/// uploads on a new connection to `daemon`: the daemon worker's CPU time and the
+/// wall time, per path.
+async fn upload_new(daemon: &Daemon, tag: &str, n: usize) -> (Duration, Duration) {
+    let c = daemon.connect().await;
+    let worker = *daemon.workers().iter().max().expect("the connection's worker process");
+    let (c0, t0) = (cpu_time(worker), Instant::now());
+    let u = Uploads::new(c.clone(), UploadOptions::default());
+    let mut previous: Option<StorePath> = None;
+    for i in 0..n {
+        let add = CaAdd {
+            name: format!("{tag}-{i}"),
+            method: ContentAddressMethod::Text,
+            algo: HashAlgo::Sha256,
+            references: previous.iter().cloned().collect(),
+            data: format!("{tag} new path {i}\n").into_bytes(),
+        };
+        previous = Some(u.add(add).await.unwrap_or_else(|_| unreachable!("a text add is computed here")));
+    }
+    u.drain().await.unwrap();
+    c.flush().await.unwrap();
+    let cost = (cpu_time(worker) - c0, t0.elapsed());
+    assert_eq!(u.stats().uploaded, n as u64);
+    cost
+}
+
+async fn new_paths(n: usize, rounds: usize) {
+    if !fork_built() {
+        return;
+    }
+    let daemons = [
+        ("stock 2.26.3", Daemon::start(Nix::V2_26, Trust::Untrusted)),
+        ("the fork's", Daemon::start(Nix::Fork, Trust::Untrusted)),
+    ];
+    let mut costs = vec![(Vec::new(), Vec::new()); daemons.len()];
+    for round in 0..rounds {
+        for (k, (_, d)) in daemons.iter().enumerate() {
+            let (cpu, wall) = upload_new(d, &format!("new-{round}"), n).await;
+            costs[k].0.push(cpu);
+            costs[k].1.push(wall);
+        }
+    }
+    println!("\n{n} new paths uploaded (AddTempRoot, QueryValidPaths, AddMultipleToStore), median of {rounds} rounds");
+    println!("{:<36} {:>14} {:>14}", "daemon", "daemon CPU/path", "wall/path");
+    let per = |d: Duration| d.as_secs_f64() * 1e6 / n as f64;
+    for (k, (name, _)) in daemons.iter().enumerate() {
+        let (cpu, wall) = &mut costs[k];
+        cpu.sort();
+        wall.sort();
+        println!("{:<36} {:>11.1} us {:>11.1} us", name, per(cpu[rounds / 2]), per(wall[rounds / 2]));
     }
 }
