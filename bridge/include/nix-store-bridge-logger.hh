@@ -9,16 +9,19 @@
 
 namespace nix::rust_store {
 
+/// An activity's or result's field; defined by the bridge.
+struct LogField;
+
 /// STDERR_NEXT: a log line, without its trailing newline.
 void log_line(rust::Str line);
 
-/// STDERR_START_ACTIVITY; `fields` holds the activity's fields in their wire form.
-void start_activity(uint64_t id, uint64_t level, uint64_t type, rust::Str text, rust::Slice<const uint8_t> fields, uint64_t parent);
+/// STDERR_START_ACTIVITY.
+void start_activity(uint64_t id, uint64_t level, uint64_t type, rust::Str text, rust::Slice<const LogField> fields, uint64_t parent);
 
 /// STDERR_STOP_ACTIVITY.
 void stop_activity(uint64_t id);
 
-/// STDERR_RESULT; `fields` as for start_activity.
-void activity_result(uint64_t id, uint64_t type, rust::Slice<const uint8_t> fields);
+/// STDERR_RESULT.
+void activity_result(uint64_t id, uint64_t type, rust::Slice<const LogField> fields);
 
 }

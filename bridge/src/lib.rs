@@ -1,8 +1,9 @@
 //! The bridge through which Nix's C++ (libstore's `RustDaemonStore`) uses rust-store.
 //!
-//! The C++ side encodes each request's arguments and decodes each result with Nix's
-//! own worker-protocol serialisers; this side owns the connection, pipelines the
-//! requests on it, and hands back result bytes. Two operations never wait:
+//! `RustDaemonStore` is a `RemoteStore`: its operations are Nix's own, and it makes
+//! its connections itself, handshake and settings included. The first one it uses
+//! it hands to this side ([`adopt_daemon_connection`]), which keeps a pipelined
+//! client on the same socket for the requests nobody waits for:
 //!
 //! - [`DaemonConnection::add_temp_root`]: sent without waiting, at most once per path
 //!   and connection (temp roots last as long as the connection);
@@ -10,20 +11,16 @@
 //!   has computed; rust-store's [`Uploads`] roots the path, checks its validity in a
 //!   batch and uploads it only if the daemon lacks it, all behind the caller.
 //!
-//! Data too large to hold (an addition beyond the cap on contents held, a NAR with its
-//! info) streams instead: [`DaemonConnection::start_upload`] sends the request, C++
-//! writes the data piece by piece, and the socket's pace holds it back.
-//!
-//! The sync points, where the daemon has seen every earlier addition: each call that
-//! waits ([`DaemonConnection::call`]) resolves the additions first, so that they are
-//! ahead of it on the connection; [`DaemonConnection::flush`], which C++ calls when
-//! the store closes, also waits until the uploads are stored.
-//!
-//! Reading the store's files waits only for the path read: a path added on this
-//! connection is known valid ([`DaemonConnection::was_added`]), and read, while the
-//! daemon has not confirmed it, from the contents held for it
-//! ([`DaemonConnection::held_nar`]); a caller that reads the files themselves
-//! ([`DaemonConnection::sync_path`]) waits for that path's own addition only.
+//! Every operation of C++'s own takes the socket for itself
+//! ([`DaemonConnection::begin_lease`], [`DaemonConnection::end_lease`]) once
+//! rust-store has resolved the additions before it and read every reply ahead of it,
+//! so the daemon has seen them; an operation on another of the store's connections
+//! waits for them to be confirmed ([`DaemonConnection::flush`]). Reading the store's
+//! files waits only for the path read: a path added on this connection is known
+//! valid ([`DaemonConnection::was_added`]) and read, while the daemon has not
+//! confirmed it, from the contents held for it ([`DaemonConnection::held_nar`]); a
+//! caller that reads the files themselves ([`DaemonConnection::sync_path`]) waits
+//! for that path's own addition only.
 //!
 //! Failures come back as an [`ffi::Outcome`] holding an error in the worker protocol's
 //! own error encoding, which C++ rethrows with `readError`, as the C++ client does. A
@@ -34,15 +31,14 @@
 //! crate owns.
 
 use std::future::Future;
-
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 
-use bytes::Bytes;
 use rust_store::codec::{Ctx, Encoder, Version};
-use rust_store::connection::{Body, Pending};
+use rust_store::connection::Lease;
+use rust_store::handshake::DaemonInfo;
 use rust_store::logger::{Activity, Field, Logger};
-use rust_store::ops::Op;
 use rust_store::types::TrustedFlag;
 use rust_store::uploads::{UploadOptions, Uploads};
 use rust_store::{Client, ConnectOptions, Error, StoreDir, StorePath};
@@ -54,6 +50,24 @@ mod ffi {
     struct Outcome {
         ok: bool,
         data: Vec<u8>,
+    }
+
+    /// Whether the daemon trusts this client, as its handshake said.
+    enum Trust {
+        Unknown,
+        Trusted,
+        NotTrusted,
+    }
+
+    /// What the handshake on a connection learnt, for [`adopt_daemon_connection`].
+    struct Handshake {
+        /// The negotiated protocol version, as the wire encodes it.
+        protocol_version: u64,
+        /// The daemon's Nix version, or "" if the protocol does not tell.
+        daemon_version: String,
+        trust: Trust,
+        /// The features both sides support.
+        features: Vec<String>,
     }
 
     /// What the daemon will know of a path whose addition it has not confirmed yet.
@@ -68,51 +82,38 @@ mod ffi {
         ca: String,
     }
 
+    /// A field of a log activity or result: an integer or a string.
+    struct LogField {
+        is_int: bool,
+        int_value: u64,
+        string_value: String,
+    }
+
     extern "Rust" {
         type DaemonConnection;
-        type Upload;
 
-        /// Connects to the daemon's socket and runs the handshake. `store_dir` is
-        /// the store directory paths are printed with; `max_pending_bytes` bounds the
-        /// contents held for additions the daemon has not confirmed yet.
-        fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>>;
+        /// Takes over a connection C++ has opened and handshaken: `fd` (duplicated;
+        /// the caller keeps its own) is its socket, between two requests.
+        /// `store_dir` is the store directory paths are printed with;
+        /// `max_pending_bytes` bounds the contents held for additions the daemon
+        /// has not confirmed yet.
+        fn adopt_daemon_connection(
+            fd: i32,
+            handshake: Handshake,
+            store_dir: &str,
+            max_pending_bytes: u64,
+        ) -> Result<Box<DaemonConnection>>;
 
-        /// The negotiated protocol version, as the wire encodes it.
-        fn protocol_version(self: &DaemonConnection) -> u64;
-        /// The daemon's Nix version, or "" if the protocol does not tell.
-        fn daemon_version(self: &DaemonConnection) -> String;
-        /// Whether the daemon trusts us: 0 unknown, 1 trusted, 2 not trusted.
-        fn trusted(self: &DaemonConnection) -> u8;
+        /// Takes the socket for one of C++'s own operations: waits until every
+        /// earlier addition is resolved and every request before answered, then
+        /// leaves the socket alone, in blocking mode, until `end_lease`. Fails, with
+        /// the socket not taken, if a request sent without waiting has failed.
+        fn begin_lease(self: &DaemonConnection) -> Outcome;
 
-        /// Sends `op` with its encoded arguments (and, if `has_framed`, framed data)
-        /// and waits for its result. Earlier additions are resolved first, so the
-        /// daemon sees them before this request.
-        fn call(
-            self: &DaemonConnection,
-            op: u64,
-            subject: &str,
-            args: &[u8],
-            has_framed: bool,
-            framed: &[u8],
-        ) -> Outcome;
-
-        /// Starts `op` with its encoded arguments and framed data that the caller
-        /// then streams with `write_data`, for data too large to hold; `finish`
-        /// ends the data and waits for the result. Earlier additions are resolved
-        /// first. Dropping the upload unfinished ends the data where it is.
-        fn start_upload(self: &DaemonConnection, op: u64, subject: &str, args: &[u8]) -> Box<Upload>;
-
-        /// Sends the next piece of an upload's data; waits while the connection is
-        /// behind. Fails if the connection has ended.
-        fn write_data(self: &mut Upload, data: &[u8]) -> Outcome;
-
-        /// Ends an upload's data and waits for the request's result.
-        fn finish(self: &mut Upload) -> Outcome;
-
-        /// Sends `op` with its encoded arguments without waiting for its result (for
-        /// ops whose result is empty, such as SetOptions); a failure is returned by
-        /// the next call that waits.
-        fn send(self: &DaemonConnection, op: u64, subject: &str, args: &[u8]) -> Outcome;
+        /// Gives the socket back after `begin_lease`; `in_step` is false if the
+        /// operation was cut short in the middle of a message, which ends the
+        /// connection.
+        fn end_lease(self: &DaemonConnection, in_step: bool);
 
         /// Roots a path for this connection without waiting; repeats are dropped.
         fn add_temp_root(self: &DaemonConnection, path: &str) -> Outcome;
@@ -120,10 +121,16 @@ mod ffi {
         /// A content-addressed addition (text, flat or NAR hashing; no repair) at
         /// the store path whose base name (`<hash>-<name>`) the caller computed:
         /// `method` with its algorithm as in a content address (`text:sha256`),
-        /// the references' base names separated by spaces, and the data. Does not
-        /// wait: the path is rooted, checked, and only if missing uploaded, behind
-        /// the caller; the rest is checked against the path then.
-        fn add_ca(self: &DaemonConnection, base_name: &str, method: &str, references: &str, data: &[u8]) -> Outcome;
+        /// the references' base names, and the data. Does not wait: the path is
+        /// rooted, checked, and only if missing uploaded, behind the caller; the
+        /// rest is checked against the path then.
+        fn add_ca(
+            self: &DaemonConnection,
+            base_name: &str,
+            method: &str,
+            references: Vec<String>,
+            data: &[u8],
+        ) -> Outcome;
 
         /// Waits until every addition is stored or known valid and every request
         /// sent has been answered; returns the first failure of a request sent
@@ -157,9 +164,9 @@ mod ffi {
         include!("nix-store-bridge-logger.hh");
 
         fn log_line(line: &str);
-        fn start_activity(id: u64, level: u64, activity_type: u64, text: &str, fields: &[u8], parent: u64);
+        fn start_activity(id: u64, level: u64, activity_type: u64, text: &str, fields: &[LogField], parent: u64);
         fn stop_activity(id: u64);
-        fn activity_result(id: u64, result_type: u64, fields: &[u8]);
+        fn activity_result(id: u64, result_type: u64, fields: &[LogField]);
     }
 }
 
@@ -265,16 +272,14 @@ fn outcome(what: &str, f: impl FnOnce() -> Outcome) -> Outcome {
 /// Passes the daemon's messages to Nix's logger.
 struct CxxLogger;
 
-fn encode_fields(fields: &[Field]) -> Vec<u8> {
-    encode(|e| {
-        e.u64(fields.len() as u64);
-        for f in fields {
-            match f {
-                Field::Int(i) => e.u64(0).u64(*i),
-                Field::String(s) => e.u64(1).str(s),
-            };
-        }
-    })
+fn log_fields(fields: &[Field]) -> Vec<ffi::LogField> {
+    fields
+        .iter()
+        .map(|f| match f {
+            Field::Int(i) => ffi::LogField { is_int: true, int_value: *i, string_value: String::new() },
+            Field::String(s) => ffi::LogField { is_int: false, int_value: 0, string_value: s.clone() },
+        })
+        .collect()
 }
 
 impl Logger for CxxLogger {
@@ -283,7 +288,7 @@ impl Logger for CxxLogger {
     }
 
     fn start_activity(&self, a: Activity) {
-        ffi::start_activity(a.id, a.level, a.activity_type, &a.text, &encode_fields(&a.fields), a.parent);
+        ffi::start_activity(a.id, a.level, a.activity_type, &a.text, &log_fields(&a.fields), a.parent);
     }
 
     fn stop_activity(&self, id: u64) {
@@ -291,131 +296,95 @@ impl Logger for CxxLogger {
     }
 
     fn result(&self, id: u64, result_type: u64, fields: Vec<Field>) {
-        ffi::activity_result(id, result_type, &encode_fields(&fields));
+        ffi::activity_result(id, result_type, &log_fields(&fields));
     }
 }
 
-/// One connection to the daemon, shared by every thread of the C++ store.
+/// The pipelined client on a connection of the C++ store's, and the uploads on it.
 pub struct DaemonConnection {
-    /// Also listed, weakly, in [`LIVE`].
-    live: Arc<Live>,
+    uploads: Arc<Uploads>,
     runtime: &'static Runtime,
+    /// The socket while one of C++'s operations has it.
+    lease: Mutex<Option<Lease>>,
 }
 
-/// A connection and the uploads on it.
-struct Live {
-    client: Client,
-    uploads: Uploads,
-}
+/// The connections that exist, for [`flush_live_connections`].
+static LIVE: Mutex<Vec<Weak<Uploads>>> = Mutex::new(Vec::new());
 
-impl Live {
-    /// Resolves every add, then waits until every request sent has been answered;
-    /// returns the first failure of work done without waiting.
-    async fn flush(&self) -> Result<(), Error> {
-        self.uploads.drain().await?;
-        self.client.flush().await
-    }
-}
-
-/// The connections that exist, for [`flush_at_exit`].
-static LIVE: Mutex<Vec<Weak<Live>>> = Mutex::new(Vec::new());
-
-/// Flushes every connection still open when the process exits, so that adds made
-/// without waiting reach the daemon even if their store is never destroyed (a
-/// program on the C API that exits holding it, say). A failure is reported as the
-/// store's destructor reports one: on stderr, with exit status 1.
-extern "C" fn flush_at_exit() {
+/// Flushes every connection still open when the process exits, so that additions
+/// made without waiting reach the daemon even if their store is never closed (a
+/// program on the C API that exits holding it, say). A failure can only be logged
+/// here: the exit status is decided.
+extern "C" fn flush_live_connections() {
     let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
     let Ok(runtime) = runtime() else { return };
-    for conn in live {
-        let r = wait(runtime, async move { conn.flush().await });
-        if let Ok(Err(e)) = r {
+    for uploads in live {
+        if let Ok(Err(e)) = wait(runtime, async move { uploads.flush().await }) {
             eprintln!("error: {e}");
-            // Exiting from an exit handler: only _exit is safe here.
-            unsafe { libc::_exit(1) };
         }
     }
 }
 
-/// Registers [`flush_at_exit`] once, and `conn` in [`LIVE`].
-fn register(conn: &Arc<Live>) {
-    static AT_EXIT: Once = Once::new();
-    AT_EXIT.call_once(|| {
+/// Registers [`flush_live_connections`] once, and `uploads` in [`LIVE`].
+fn register(uploads: &Arc<Uploads>) {
+    static HOOKED: Once = Once::new();
+    HOOKED.call_once(|| {
         // If it cannot be registered, closing each store still flushes it.
-        let _ = unsafe { libc::atexit(flush_at_exit) };
+        let _ = unsafe { libc::atexit(flush_live_connections) };
     });
     let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
     live.retain(|w| w.strong_count() > 0);
-    live.push(Arc::downgrade(conn));
+    live.push(Arc::downgrade(uploads));
 }
 
-fn connect_daemon(socket: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>, String> {
-    guard("connect", || {
+fn adopt_daemon_connection(
+    fd: i32,
+    handshake: ffi::Handshake,
+    store_dir: &str,
+    max_pending_bytes: u64,
+) -> Result<Box<DaemonConnection>, String> {
+    guard("adopt", || {
         let runtime = runtime()?;
         let store_dir = StoreDir::new(store_dir).map_err(|e| e.to_string())?;
-        // The C++ side sends SetOptions itself, with Nix's settings.
-        let options = ConnectOptions {
-            store_dir,
-            logger: std::sync::Arc::new(CxxLogger),
-            settings: None,
-            ..ConnectOptions::default()
+        let version = Version::from_wire(handshake.protocol_version);
+        let info = DaemonInfo {
+            version,
+            daemon_version: version,
+            nix_version: (!handshake.daemon_version.is_empty()).then_some(handshake.daemon_version),
+            trusted: match handshake.trust {
+                ffi::Trust::Trusted => Some(TrustedFlag::Trusted),
+                ffi::Trust::NotTrusted => Some(TrustedFlag::NotTrusted),
+                _ => None,
+            },
+            features: handshake.features.into_iter().collect(),
         };
+        let stream = dup_stream(fd).map_err(|e| format!("cannot take over the daemon connection: {e}"))?;
+        // C++ has sent SetOptions itself, with Nix's settings.
+        let options =
+            ConnectOptions { store_dir, logger: Arc::new(CxxLogger), settings: None, ..ConnectOptions::default() };
         let upload_options = UploadOptions { max_pending_bytes, ..upload_tuning() };
-        let socket = socket.to_owned();
-        let (client, uploads) = wait(runtime, async move {
-            let client = Client::connect(socket, options).await?;
-            let uploads = Uploads::new(client.clone(), upload_options);
-            Ok::<_, Error>((client, uploads))
+        let uploads = wait(runtime, async move {
+            let stream = tokio::net::UnixStream::from_std(stream)?;
+            let client = Client::adopt(stream, info, options).await?;
+            Ok::<_, Error>(Uploads::new(client, upload_options))
         })?
         .map_err(|e| e.to_string())?;
-        let live = Arc::new(Live { client, uploads });
-        register(&live);
-        Ok(Box::new(DaemonConnection { live, runtime }))
+        let uploads = Arc::new(uploads);
+        register(&uploads);
+        Ok(Box::new(DaemonConnection { uploads, runtime, lease: Mutex::new(None) }))
     })?
 }
 
-/// How many pieces of an upload's data (each up to what C++ buffers, 64 KiB) may
-/// wait for the socket.
-const UPLOAD_CHUNKS: usize = 4;
-
-/// A request whose data C++ streams: see [`DaemonConnection::start_upload`].
-pub struct Upload {
-    runtime: &'static Runtime,
-    /// Dropped to end the data.
-    data: Option<tokio::sync::mpsc::Sender<Bytes>>,
-    /// The request's reply, or why it could not be sent; taken by `finish`.
-    reply: Option<Result<Pending<Vec<u8>>, Outcome>>,
-}
-
-impl Upload {
-    fn write_data(&mut self, data: &[u8]) -> Outcome {
-        outcome("write_data", || {
-            if !matches!(self.reply, Some(Ok(_))) {
-                return self.finish();
-            }
-            let Some(sender) = &self.data else { return failed_msg("the upload's data has already ended") };
-            match sender.blocking_send(Bytes::copy_from_slice(data)) {
-                Ok(()) => ok(Vec::new()),
-                // The connection has ended and dropped the data: its reply says why.
-                Err(_) => self.finish(),
-            }
-        })
+/// A socket of our own on the same connection as `fd`, non-blocking for tokio.
+fn dup_stream(fd: RawFd) -> std::io::Result<std::os::unix::net::UnixStream> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor, which we then own.
+    let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
+    if new == -1 {
+        return Err(std::io::Error::last_os_error());
     }
-
-    fn finish(&mut self) -> Outcome {
-        outcome("finish", || {
-            self.data = None;
-            match self.reply.take() {
-                None => failed_msg("the upload has already finished"),
-                Some(Err(outcome)) => outcome,
-                Some(Ok(pending)) => match wait(self.runtime, pending) {
-                    Ok(Ok(bytes)) => ok(bytes),
-                    Ok(Err(e)) => failed(&e),
-                    Err(message) => failed_msg(&message),
-                },
-            }
-        })
-    }
+    let stream = std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(new) });
+    stream.set_nonblocking(true)?;
+    Ok(stream)
 }
 
 /// Batch sizes of uploads: the measured defaults, unless the environment sets
@@ -433,119 +402,75 @@ fn upload_tuning() -> UploadOptions {
     o
 }
 
-/// Parses an op code from C++.
-fn op_of(code: u64) -> Result<Op, Outcome> {
-    Op::from_code(code)
-        .ok_or_else(|| failed_msg(&format!("the Rust daemon client does not implement worker op {code}")))
+/// The outcome of a call that returns nothing.
+fn done(r: Result<(), Error>) -> Outcome {
+    match r {
+        Ok(()) => ok(Vec::new()),
+        Err(e) => failed(&e),
+    }
 }
 
 impl DaemonConnection {
-    fn protocol_version(&self) -> u64 {
-        self.live.client.version().to_wire()
-    }
-
-    fn daemon_version(&self) -> String {
-        self.live.client.info().nix_version.clone().unwrap_or_default()
-    }
-
-    fn trusted(&self) -> u8 {
-        match self.live.client.info().trusted {
-            None => 0,
-            Some(TrustedFlag::Trusted) => 1,
-            Some(TrustedFlag::NotTrusted) => 2,
-        }
-    }
-
-    fn call(&self, op: u64, subject: &str, args: &[u8], has_framed: bool, framed: &[u8]) -> Outcome {
-        outcome("call", || {
-            let op = match op_of(op) {
-                Ok(op) => op,
-                Err(o) => return o,
-            };
-            let subject = (!subject.is_empty()).then(|| subject.to_owned());
-            let body = has_framed.then(|| Body::Bytes(framed.to_vec()));
-            let (live, args) = (self.live.clone(), args.to_vec());
-            match self.wait(async move {
-                live.uploads.drain().await?;
-                live.client.raw_call(op, subject, &args, body).wait().await
-            }) {
-                Ok(bytes) => ok(bytes),
+    fn begin_lease(&self) -> Outcome {
+        outcome("begin_lease", || {
+            let uploads = self.uploads.clone();
+            match self.wait(async move { uploads.lease().await }) {
+                Ok(lease) => {
+                    let mut held = self.lease.lock().unwrap_or_else(|p| p.into_inner());
+                    if held.is_some() {
+                        // Two operations at once on one connection: C++'s pool
+                        // never does that. Give this one back and refuse it.
+                        drop(lease);
+                        return failed_msg("the daemon connection is already taken by another operation");
+                    }
+                    *held = Some(lease);
+                    ok(Vec::new())
+                }
                 Err(e) => failed(&e),
             }
         })
     }
 
-    fn start_upload(&self, op: u64, subject: &str, args: &[u8]) -> Box<Upload> {
-        let (data, body) = Body::channel(UPLOAD_CHUNKS);
-        let started = guard("start_upload", || -> Result<Pending<Vec<u8>>, Outcome> {
-            let op = op_of(op)?;
-            let subject = (!subject.is_empty()).then(|| subject.to_owned());
-            let (live, args) = (self.live.clone(), args.to_vec());
-            self.wait(async move {
-                live.uploads.drain().await?;
-                live.client.raw_call(op, subject, &args, Some(body)).start().await
-            })
-            .map_err(|e| failed(&e))
+    fn end_lease(&self, in_step: bool) {
+        let _ = guard("end_lease", || {
+            let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
+            match lease {
+                Some(lease) if !in_step => lease.abandon(),
+                lease => drop(lease),
+            }
         });
-        let reply = started.unwrap_or_else(|message| Err(failed_msg(&message)));
-        Box::new(Upload { runtime: self.runtime, data: Some(data), reply: Some(reply) })
-    }
-
-    fn send(&self, op: u64, subject: &str, args: &[u8]) -> Outcome {
-        outcome("send", || {
-            let op = match op_of(op) {
-                Ok(op) => op,
-                Err(o) => return o,
-            };
-            let subject = (!subject.is_empty()).then(|| subject.to_owned());
-            match self.live.client.raw_call(op, subject, args, None).send_blocking() {
-                Ok(()) => ok(Vec::new()),
-                Err(e) => failed(&e),
-            }
-        })
     }
 
     fn add_temp_root(&self, path: &str) -> Outcome {
         outcome("add_temp_root", || {
-            let path = match self.live.client.store_dir().parse(path) {
+            let path = match self.uploads.client().store_dir().parse(path) {
                 Ok(p) => p,
                 Err(e) => return failed_msg(&e.to_string()),
             };
-            match self.live.uploads.add_temp_root(&path) {
-                Ok(()) => ok(Vec::new()),
-                Err(e) => failed(&e),
-            }
+            done(self.uploads.add_temp_root(&path))
         })
     }
 
-    fn add_ca(&self, base_name: &str, method: &str, references: &str, data: &[u8]) -> Outcome {
-        outcome("add_ca", || match self.live.uploads.add_computed_blocking(base_name, method, references, data) {
-            Ok(()) => ok(Vec::new()),
-            Err(e) => failed(&e),
-        })
+    fn add_ca(&self, base_name: &str, method: &str, references: Vec<String>, data: &[u8]) -> Outcome {
+        outcome("add_ca", || done(self.uploads.add_computed_blocking(base_name, method, &references, data)))
     }
 
     fn flush(&self) -> Outcome {
         outcome("flush", || {
-            let live = self.live.clone();
-            match self.wait(async move { live.flush().await }) {
-                Ok(()) => ok(Vec::new()),
-                Err(e) => failed(&e),
-            }
+            let uploads = self.uploads.clone();
+            done(self.wait(async move { uploads.flush().await }))
         })
     }
 
     fn was_added(&self, base_name: &str) -> bool {
-        guard("was_added", || {
-            StorePath::check_base_name(base_name).is_ok_and(|hash| self.live.uploads.was_added(&hash))
-        })
-        .unwrap_or(false)
+        guard("was_added", || StorePath::check_base_name(base_name).is_ok_and(|hash| self.uploads.was_added(&hash)))
+            .unwrap_or(false)
     }
 
     fn held_nar(&self, base_name: &str, nar: &mut Vec<u8>) -> bool {
         guard("held_nar", || {
             let Ok(hash) = StorePath::check_base_name(base_name) else { return false };
-            match self.live.uploads.held_nar(&hash) {
+            match self.uploads.held_nar(&hash) {
                 Some(held) => {
                     *nar = held;
                     true
@@ -559,7 +484,7 @@ impl DaemonConnection {
     fn held_path_info(&self, base_name: &str, out: &mut ffi::HeldPathInfo) -> bool {
         guard("held_path_info", || {
             let Ok(hash) = StorePath::check_base_name(base_name) else { return false };
-            let Some(held) = self.live.uploads.held_info(&hash) else { return false };
+            let Some(held) = self.uploads.held_info(&hash) else { return false };
             let info = &held.info;
             *out = ffi::HeldPathInfo {
                 nar_hash: info.nar_hash.to_base16(),
@@ -577,18 +502,15 @@ impl DaemonConnection {
             // Not a path this connection added: nothing to wait for; the caller's
             // read says what is wrong with it.
             let Ok(hash) = StorePath::check_base_name(base_name) else { return ok(Vec::new()) };
-            let live = &self.live;
-            if !live.uploads.is_pending(&hash) && !live.client.has_unreported_failure() {
+            let uploads = &self.uploads;
+            if !uploads.is_pending(&hash) && !uploads.client().has_unreported_failure() {
                 return ok(Vec::new());
             }
-            let live = live.clone();
-            match self.wait(async move {
-                live.uploads.wait_for(&hash).await?;
-                if live.client.has_unreported_failure() { live.client.flush().await } else { Ok(()) }
-            }) {
-                Ok(()) => ok(Vec::new()),
-                Err(e) => failed(&e),
-            }
+            let uploads = uploads.clone();
+            done(self.wait(async move {
+                uploads.wait_for(&hash).await?;
+                if uploads.client().has_unreported_failure() { uploads.client().flush().await } else { Ok(()) }
+            }))
         })
     }
 
@@ -602,42 +524,55 @@ impl DaemonConnection {
 
     fn stats_json(&self) -> String {
         guard("stats", || {
-            let s = self.live.client.stats();
-            let u = self.live.uploads.stats();
-            let by_op: Vec<String> = s.requests.iter().map(|(op, n)| format!("\"{op}\":{n}")).collect();
-            let uploads = format!(
-                "{{\"added\":{},\"repeated\":{},\"checked\":{},\"checkBatches\":{},\"skippedValid\":{},\
-                 \"uploaded\":{},\"uploadBatches\":{},\"failed\":{},\"drains\":{},\"drainTimeMs\":{:.3},\
-                 \"pathWaits\":{},\"pathWaitTimeMs\":{:.3},\"memoryWaits\":{},\"peakPendingBytes\":{}}}",
-                u.added,
-                u.repeated,
-                u.checked,
-                u.check_batches,
-                u.valid,
-                u.uploaded,
-                u.upload_batches,
-                u.failed,
-                u.drains,
-                u.drain_time.as_secs_f64() * 1e3,
-                u.path_waits,
-                u.path_wait_time.as_secs_f64() * 1e3,
-                u.memory_waits,
-                u.peak_pending_bytes
-            );
-            format!(
-                "{{\"requests\":{},\"requestsWithoutWaiting\":{},\"requestsByOp\":{{{}}},\"bytesSent\":{},\
-                 \"bytesReceived\":{},\"waits\":{},\"waitTimeMs\":{:.3},\"backpressureWaits\":{},\"uploads\":{}}}",
-                s.total_requests(),
-                s.sent_without_waiting,
-                by_op.join(","),
-                s.bytes_sent,
-                s.bytes_received,
-                s.waits,
-                s.wait_time.as_secs_f64() * 1e3,
-                s.backpressure_waits,
-                uploads
-            )
+            let s = self.uploads.client().stats();
+            let u = self.uploads.stats();
+            let by_op: serde_json::Map<String, serde_json::Value> =
+                s.requests.iter().map(|(op, n)| (op.to_string(), (*n).into())).collect();
+            let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
+            serde_json::json!({
+                "requests": s.total_requests(),
+                "requestsWithoutWaiting": s.sent_without_waiting,
+                "requestsByOp": by_op,
+                "bytesSent": s.bytes_sent,
+                "bytesReceived": s.bytes_received,
+                "waits": s.waits,
+                "waitTimeMs": ms(s.wait_time),
+                "backpressureWaits": s.backpressure_waits,
+                "leases": s.leases,
+                "uploads": {
+                    "added": u.added,
+                    "repeated": u.repeated,
+                    "checked": u.checked,
+                    "checkBatches": u.check_batches,
+                    "skippedValid": u.valid,
+                    "uploaded": u.uploaded,
+                    "uploadBatches": u.upload_batches,
+                    "failed": u.failed,
+                    "drains": u.drains,
+                    "drainTimeMs": ms(u.drain_time),
+                    "pathWaits": u.path_waits,
+                    "pathWaitTimeMs": ms(u.path_wait_time),
+                    "memoryWaits": u.memory_waits,
+                    "peakPendingBytes": u.peak_pending_bytes,
+                },
+            })
+            .to_string()
         })
         .unwrap_or_else(|_| "{}".into())
+    }
+}
+
+impl Drop for DaemonConnection {
+    /// Additions nobody waited for must reach the daemon before the connection
+    /// closes; C++ flushes first and reports a failure, so this only finishes the
+    /// work of a store dropped without that (its failure goes to the log).
+    fn drop(&mut self) {
+        let _ = guard("close", || {
+            drop(self.lease.lock().unwrap_or_else(|p| p.into_inner()).take());
+            let uploads = self.uploads.clone();
+            if let Ok(Err(e)) = wait(self.runtime, async move { uploads.flush().await }) {
+                tracing::error!("daemon connection closed with a failed request: {e}");
+            }
+        });
     }
 }

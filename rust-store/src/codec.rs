@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncReadExt};
+use tokio::io::{AsyncBufRead, AsyncReadExt};
 
 use crate::error::{Error, Result};
 use crate::store_path::{StoreDir, StorePath};
@@ -254,13 +254,11 @@ pub type Source = Box<dyn AsyncBufRead + Send + Unpin>;
 pub struct Decoder {
     src: Source,
     ctx: Ctx,
-    /// While set, every byte read through the decoder is also kept here.
-    recording: Option<Vec<u8>>,
 }
 
 impl Decoder {
     pub fn new(src: Source, ctx: Ctx) -> Decoder {
-        Decoder { src, ctx, recording: None }
+        Decoder { src, ctx }
     }
 
     /// A decoder over an in-memory buffer (fixtures, tests).
@@ -280,28 +278,13 @@ impl Decoder {
         self.ctx.version = v;
     }
 
-    /// Starts keeping a copy of every byte read, for a caller that wants a value's
-    /// exact encoding as well as (or instead of) the value.
-    pub fn start_recording(&mut self) {
-        self.recording = Some(Vec::new());
-    }
-
-    /// Stops recording and returns what was read since [`Decoder::start_recording`].
-    pub fn take_recording(&mut self) -> Vec<u8> {
-        self.recording.take().unwrap_or_default()
-    }
-
     /// Fills `buf` from the stream (the one place the decoder reads).
     async fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
         self.src.read_exact(buf).await.map_err(read_error)?;
-        if let Some(r) = &mut self.recording {
-            r.extend_from_slice(buf);
-        }
         Ok(())
     }
 
-    /// The underlying stream, for values with their own framing (a NAR). Bytes read
-    /// through it are not recorded.
+    /// The underlying stream, for values with their own framing (a NAR).
     pub fn reader(&mut self) -> &mut (dyn AsyncBufRead + Send + Unpin) {
         &mut *self.src
     }
@@ -493,20 +476,5 @@ impl<A: Decode, B: Decode> Decode for (A, B) {
         let a = A::decode(d).await?;
         let b = B::decode(d).await?;
         Ok((a, b))
-    }
-}
-
-/// Reads a frame stream (uploads) to its end, for tests and fake peers.
-pub async fn read_frames<R: AsyncRead + Unpin>(r: &mut R) -> std::io::Result<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let n = r.read_u64_le().await?;
-        if n == 0 {
-            return Ok(out);
-        }
-        let n = usize::try_from(n).map_err(|_| std::io::Error::other("frame too large"))?;
-        let start = out.len();
-        out.resize(start + n, 0);
-        r.read_exact(&mut out[start..]).await?;
     }
 }

@@ -18,12 +18,22 @@
 //! checked; if it failed, its error is kept and returned by the next call that waits,
 //! or by [`Client::flush`].
 //!
+//! **Leases.** A caller that speaks the protocol itself on the same socket (Nix's
+//! own C++ op bodies, through the bridge) asks for a [`Lease`]: a message in the same
+//! queue, so it takes its turn behind the requests before it. The writer flushes
+//! them and stops; the reader reads their replies, then hands the socket over,
+//! blocking, and waits. Until the lease is given back, the socket is the holder's
+//! alone: requests made meanwhile wait in the queue. The daemon sends nothing it was
+//! not asked for, so no reply of ours can be read by the holder nor one of the
+//! holder's by us.
+//!
 //! When the connection breaks (EOF, an I/O error, a malformed reply, or the daemon
 //! closing after a connection-fatal error), the cause is recorded once, both tasks
 //! stop, and every pending and later request fails with [`Error::Disconnected`]
 //! carrying that cause.
 
 use std::future::{Future, IntoFuture};
+use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -106,6 +116,8 @@ struct Shared {
     cause: OnceLock<Arc<Error>>,
     /// Tells both tasks to stop once `cause` is set.
     dead: watch::Sender<bool>,
+    /// The socket, for [`Lease`]s.
+    fd: RawFd,
 }
 
 impl Shared {
@@ -198,11 +210,69 @@ enum Message {
     },
     /// Answered by the reader once every earlier reply has been read.
     Barrier(oneshot::Sender<Result<()>>),
+    /// Hands the socket over once every earlier reply has been read.
+    Lease(oneshot::Sender<Result<Lease>>),
 }
 
 enum Slot {
-    Reply { op: Op, subject: Option<String>, reply: Box<dyn Reply> },
+    Reply {
+        op: Op,
+        subject: Option<String>,
+        reply: Box<dyn Reply>,
+    },
     Barrier(oneshot::Sender<Result<()>>),
+    /// `resume` tells the writer that the socket is back.
+    Lease {
+        grant: oneshot::Sender<Result<Lease>>,
+        resume: oneshot::Sender<()>,
+    },
+}
+
+/// The connection's socket, handed to a caller that speaks the protocol on it
+/// itself, between this client's requests: see [`Client::lease`]. The socket is in
+/// blocking mode while leased. Dropping the lease gives the socket back;
+/// [`Lease::abandon`] gives it back out of step.
+pub struct Lease {
+    fd: RawFd,
+    release: Option<oneshot::Sender<bool>>,
+}
+
+impl Lease {
+    /// The socket. Read and write it only while the lease lives, and leave it
+    /// between two messages: every request answered, nothing unread.
+    pub fn fd(&self) -> RawFd {
+        self.fd
+    }
+
+    /// Gives the socket back having left it in the middle of a message (an
+    /// operation cut short): the connection cannot go on, and ends.
+    pub fn abandon(mut self) {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(false);
+        }
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if let Some(tx) = self.release.take() {
+            let _ = tx.send(true);
+        }
+    }
+}
+
+/// Switches a socket between blocking (leased) and non-blocking (ours) mode.
+fn set_blocking(fd: RawFd, blocking: bool) -> std::io::Result<()> {
+    // SAFETY: fcntl on a descriptor this connection owns; no memory is passed.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let flags = if blocking { flags & !libc::O_NONBLOCK } else { flags | libc::O_NONBLOCK };
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags) } == -1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Decodes a reply's result.
@@ -316,18 +386,37 @@ impl Client {
     /// Runs the handshake on an open stream and starts the connection's tasks on the
     /// current tokio runtime.
     pub async fn from_stream(stream: UnixStream, options: ConnectOptions) -> Result<Client> {
+        Client::start(stream, None, options).await
+    }
+
+    /// Takes over a connection whose handshake someone else has done (Nix's C++,
+    /// which then leases the socket for its own requests): `info` is what that
+    /// handshake learnt. Starts the connection's tasks on the current tokio runtime
+    /// and sends `options.settings`, if any.
+    pub async fn adopt(stream: UnixStream, info: DaemonInfo, options: ConnectOptions) -> Result<Client> {
+        Client::start(stream, Some(info), options).await
+    }
+
+    async fn start(stream: UnixStream, info: Option<DaemonInfo>, options: ConnectOptions) -> Result<Client> {
         let stats = Arc::new(Stats::default());
+        let fd = stream.as_raw_fd();
         let (read_half, write_half) = stream.into_split();
         let source = BufReader::with_capacity(BUFFER_SIZE, Counted::new(read_half, stats.clone()));
         let mut sink = BufWriter::with_capacity(BUFFER_SIZE, Counted::new(write_half, stats.clone()));
         let ctx = Ctx { version: options.max_version, store_dir: options.store_dir.clone() };
         let mut decoder = Decoder::new(Box::new(source), ctx);
 
-        let info = handshake(&mut decoder, &mut sink, options.max_version, &*options.logger).await?;
+        let info = match info {
+            Some(info) => {
+                decoder.set_version(info.version);
+                info
+            }
+            None => handshake(&mut decoder, &mut sink, options.max_version, &*options.logger).await?,
+        };
         debug!(version = %info.version, nix = ?info.nix_version, trusted = ?info.trusted, "connected to the Nix daemon");
 
         let (dead, dead_rx) = watch::channel(false);
-        let shared = Arc::new(Shared { stats, deferred: Mutex::new(None), cause: OnceLock::new(), dead });
+        let shared = Arc::new(Shared { stats, deferred: Mutex::new(None), cause: OnceLock::new(), dead, fd });
         let in_flight = options.max_in_flight.max(1);
         let (requests, requests_rx) = mpsc::channel(in_flight);
         let (slots, slots_rx) = mpsc::channel(in_flight);
@@ -393,6 +482,19 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.submit(Message::Barrier(tx)).await?;
         Pending { rx, shared: self.inner.shared.clone(), blocked_since: None }.await
+    }
+
+    /// Takes the socket for a caller that speaks the protocol on it itself, once
+    /// every request sent before has been answered (see the module documentation).
+    /// Requests made while the lease lives wait for it. If a request sent without
+    /// waiting has failed, returns that failure instead, and the socket stays ours.
+    pub async fn lease(&self) -> Result<Lease> {
+        let shared = &self.inner.shared;
+        let (tx, rx) = oneshot::channel();
+        self.submit(Message::Lease(tx)).await?;
+        let lease = Pending { rx, shared: shared.clone(), blocked_since: None }.await?;
+        shared.stats.leased();
+        Ok(lease)
     }
 
     /// Starts a request: `args` writes its arguments after the op code.
@@ -675,11 +777,22 @@ async fn writer(
     mut dead: watch::Receiver<bool>,
 ) {
     let work = async {
-        while let Some(msg) = requests.recv().await {
-            write_message(msg, &mut sink, &slots).await?;
+        while let Some(first) = requests.recv().await {
+            let mut next = Some(first);
             // Coalesce whatever else is already waiting into the same write.
-            while let Ok(msg) = requests.try_recv() {
-                write_message(msg, &mut sink, &slots).await?;
+            while let Some(msg) = next.take() {
+                match msg {
+                    Message::Lease(grant) => {
+                        sink.flush().await?;
+                        let (resume, resumed) = oneshot::channel();
+                        slots.send(Slot::Lease { grant, resume }).await.map_err(|_| Error::Eof)?;
+                        // The socket is the holder's until the reader has it back;
+                        // if the reader stops instead, it has recorded why.
+                        resumed.await.map_err(|_| Error::Closed)?;
+                    }
+                    msg => write_message(msg, &mut sink, &slots).await?,
+                }
+                next = requests.try_recv().ok();
             }
             sink.flush().await?;
         }
@@ -714,6 +827,7 @@ async fn write_message(
 ) -> Result<()> {
     let (request, slot) = match msg {
         Message::Barrier(tx) => (None, Slot::Barrier(tx)),
+        Message::Lease(_) => unreachable!("the writer hands leases over itself"),
         Message::Request { request, reply } => {
             let slot = Slot::Reply { op: request.op, subject: request.subject.clone(), reply };
             (Some(request), slot)
@@ -786,6 +900,16 @@ async fn reader(
                     let _ = tx.send(Ok(()));
                     continue;
                 }
+                Slot::Lease { grant, resume } => match lend(shared.fd, grant).await {
+                    Ok(()) => {
+                        let _ = resume.send(());
+                        continue;
+                    }
+                    Err(e) => {
+                        shared.kill(e);
+                        return;
+                    }
+                },
                 Slot::Reply { op, subject, reply } => (op, subject, reply),
             };
             let outcome = match read_envelope(&mut decoder, &*logger).await {
@@ -835,8 +959,23 @@ async fn reader(
     while let Ok(slot) = slots.try_recv() {
         match slot {
             Slot::Barrier(tx) => drop(tx),
+            Slot::Lease { grant, .. } => drop(grant),
             Slot::Reply { reply, .. } => reply.complete(Err(shared.disconnected())),
         }
     }
     trace!("reader stopped");
+}
+
+/// Hands the socket to a lease's holder and waits until it is given back. Every
+/// earlier reply has been read, and the daemon sends nothing unasked, so nothing of
+/// the holder's is in our buffers, nor will anything of ours be in theirs.
+async fn lend(fd: RawFd, grant: oneshot::Sender<Result<Lease>>) -> Result<()> {
+    set_blocking(fd, true)?;
+    let (release, released) = oneshot::channel();
+    // If the caller has gone, the lease it would have had is dropped here, which
+    // gives the socket back at once.
+    let _ = grant.send(Ok(Lease { fd, release: Some(release) }));
+    let in_step = released.await.unwrap_or(true);
+    set_blocking(fd, false)?;
+    if in_step { Ok(()) } else { Err(Error::Abandoned) }
 }

@@ -38,6 +38,10 @@ pub enum Error {
     #[error("the Nix daemon closed the connection after this error: {0}")]
     ClosedAfter(Box<DaemonError>),
 
+    /// A lease's holder gave the socket back in the middle of a message.
+    #[error("the connection was given up in the middle of an operation")]
+    Abandoned,
+
     /// Every handle to the connection was dropped and its replies were all read.
     #[error("the connection was closed")]
     Closed,
@@ -89,6 +93,7 @@ impl Error {
             | Error::Eof
             | Error::ClosedAfter(_)
             | Error::Closed
+            | Error::Abandoned
             | Error::Io(_)
             | Error::Protocol(_) => true,
             Error::Deferred { first, .. } => first.is_disconnect(),

@@ -8,7 +8,7 @@ use std::fmt;
 use futures::future::BoxFuture;
 
 use crate::codec::{Ctx, Decode, Decoder, Encoder, Version};
-use crate::connection::{Body, Call, Client, DecodeFn};
+use crate::connection::{Body, Call, Client};
 use crate::error::{Error, Result};
 use crate::hash::HashAlgo;
 use crate::nar;
@@ -135,74 +135,7 @@ fn substitutable_infos(d: &mut Decoder) -> BoxFuture<'_, Result<BTreeMap<StorePa
     Box::pin(async move { d.get().await })
 }
 
-/// Decodes a result of type `T`, returning its exact encoding instead of the value.
-fn recorded<T: Decode>(d: &mut Decoder) -> BoxFuture<'_, Result<Vec<u8>>> {
-    Box::pin(async move {
-        d.start_recording();
-        let r = T::decode(d).await;
-        let bytes = d.take_recording();
-        r.map(|_| bytes)
-    })
-}
-
-fn recorded_gc_roots(d: &mut Decoder) -> BoxFuture<'_, Result<Vec<u8>>> {
-    Box::pin(async move {
-        d.start_recording();
-        let r = gc_roots(d).await;
-        let bytes = d.take_recording();
-        r.map(|_| bytes)
-    })
-}
-
-fn nar_bytes(d: &mut Decoder) -> BoxFuture<'_, Result<Vec<u8>>> {
-    Box::pin(async move { Ok(Nar::decode(d).await?.0) })
-}
-
-/// How to find the end of an op's result, for [`Client::raw_call`].
-fn raw_result(op: Op, version: Version) -> DecodeFn<Vec<u8>> {
-    use Op::*;
-    match op {
-        IsValidPath | VerifyStore => recorded::<bool>,
-        QueryReferrers | QueryAllValidPaths | QueryValidPaths | QuerySubstitutablePaths | QueryValidDerivers => {
-            recorded::<BTreeSet<StorePath>>
-        }
-        AddToStore => recorded::<ValidPathInfo>,
-        AddTextToStore => recorded::<StorePath>,
-        BuildPaths | EnsurePath | AddTempRoot | AddIndirectRoot | OptimiseStore | AddSignatures | AddBuildLog => {
-            recorded::<u64>
-        }
-        SetOptions | AddToStoreNar | RegisterDrvOutput | AddMultipleToStore => recorded::<()>,
-        FindRoots => recorded_gc_roots,
-        CollectGarbage => recorded::<GcResults>,
-        QueryPathInfo => recorded::<Option<UnkeyedValidPathInfo>>,
-        QueryPathFromHashPart => recorded::<Option<StorePath>>,
-        QuerySubstitutablePathInfos => recorded::<BTreeMap<StorePath, SubstitutablePathInfo>>,
-        BuildDerivation => recorded::<BuildResult>,
-        NarFromPath => nar_bytes,
-        QueryMissing => recorded::<Missing>,
-        QueryDerivationOutputMap => recorded::<BTreeMap<String, Option<StorePath>>>,
-        QueryRealisation if version.at_least(31) => recorded::<BTreeSet<Realisation>>,
-        QueryRealisation => recorded::<BTreeSet<StorePath>>,
-        BuildPathsWithResults => recorded::<Vec<KeyedBuildResult>>,
-        AddPermRoot => recorded::<String>,
-    }
-}
-
 impl Client {
-    /// Sends `op` with arguments already encoded at the negotiated version (and
-    /// framed data, for the ops that upload), and returns the exact bytes of its
-    /// result. For callers with serialisers of their own, such as Nix's C++ through
-    /// the bridge: the connection still parses each result to find where it ends.
-    pub fn raw_call(&self, op: Op, subject: Option<String>, args: &[u8], body: Option<Body>) -> Call<'_, Vec<u8>> {
-        let call = self.call_with(op, subject, raw_result(op, self.version()), |e| {
-            e.raw(args);
-        });
-        match body {
-            Some(b) => call.body(b),
-            None => call,
-        }
-    }
-
     fn subject(&self, p: &StorePath) -> Option<String> {
         Some(self.store_dir().print(p))
     }

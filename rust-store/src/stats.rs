@@ -23,6 +23,7 @@ pub struct Stats {
     waits: AtomicU64,
     wait_nanos: AtomicU64,
     backpressure_waits: AtomicU64,
+    leases: AtomicU64,
 }
 
 impl Default for Stats {
@@ -35,6 +36,7 @@ impl Default for Stats {
             waits: AtomicU64::new(0),
             wait_nanos: AtomicU64::new(0),
             backpressure_waits: AtomicU64::new(0),
+            leases: AtomicU64::new(0),
         }
     }
 }
@@ -52,6 +54,10 @@ impl Stats {
     pub(crate) fn waited(&self, d: Duration) {
         self.waits.fetch_add(1, Relaxed);
         self.wait_nanos.fetch_add(d.as_nanos().min(u64::MAX as u128) as u64, Relaxed);
+    }
+
+    pub(crate) fn leased(&self) {
+        self.leases.fetch_add(1, Relaxed);
     }
 
     pub(crate) fn backpressure(&self) {
@@ -76,6 +82,7 @@ impl Stats {
             waits: self.waits.load(Relaxed),
             wait_time: Duration::from_nanos(self.wait_nanos.load(Relaxed)),
             backpressure_waits: self.backpressure_waits.load(Relaxed),
+            leases: self.leases.load(Relaxed),
         }
     }
 }
@@ -95,6 +102,8 @@ pub struct StatsSnapshot {
     pub wait_time: Duration,
     /// Times a caller had to wait because the in-flight queue was full.
     pub backpressure_waits: u64,
+    /// Times the socket was lent to a caller speaking the protocol itself.
+    pub leases: u64,
 }
 
 impl StatsSnapshot {
@@ -115,7 +124,8 @@ impl fmt::Display for StatsSnapshot {
         }
         writeln!(f, "bytes sent: {}, received: {}", self.bytes_sent, self.bytes_received)?;
         writeln!(f, "waits: {}, waited: {:.3} ms", self.waits, self.wait_time.as_secs_f64() * 1e3)?;
-        write!(f, "backpressure waits: {}", self.backpressure_waits)
+        writeln!(f, "backpressure waits: {}", self.backpressure_waits)?;
+        write!(f, "leases: {}", self.leases)
     }
 }
 

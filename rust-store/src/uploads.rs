@@ -52,7 +52,7 @@ use tokio::sync::{Notify, mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use crate::connection::{Body, FailureSink};
+use crate::connection::{Body, Call, FailureSink, Lease};
 use crate::error::{Error, Result};
 use crate::hash::{Hash, HashAlgo};
 use crate::nar;
@@ -426,7 +426,7 @@ impl Uploads {
 
     /// Adds, without waiting, an add at a path the caller computed: the path's base
     /// name, the content-addressing method with its algorithm (`text:sha256`), the
-    /// references' base names separated by spaces, and the data. The rest is checked
+    /// references' base names, and the data. The rest is checked
     /// only if the path must be uploaded: it is decoded then, and an add that is not
     /// at the path of its contents fails like a failed upload. Blocks the calling
     /// thread (outside the runtime) only while memory for contents is short.
@@ -435,8 +435,15 @@ impl Uploads {
     /// it does little: a repeated path is only looked up, and the arguments are
     /// copied once, into a shared chunk; everything that allocates per path happens
     /// on the task.
-    pub fn add_computed_blocking(&self, base_name: &str, method: &str, references: &str, data: &[u8]) -> Result<()> {
+    pub fn add_computed_blocking<R: AsRef<str>>(
+        &self,
+        base_name: &str,
+        method: &str,
+        references: &[R],
+        data: &[u8],
+    ) -> Result<()> {
         let hash = StorePath::check_base_name(base_name)?;
+        let references = join_base_names(references)?;
         let parts = [base_name.as_bytes(), method.as_bytes(), references.as_bytes(), data];
         if let Some(item) = self.take_new(hash, parts) {
             if let Some(item) = self.try_push(item) {
@@ -570,6 +577,37 @@ impl Uploads {
         self.client.add_temp_root(path).send_in(room).inspect_err(|_| {
             rooted.remove(path.hash_bytes());
         })
+    }
+
+    /// The connection, for what needs no ordering against the adds: its store
+    /// directory, its counters, whether a failure is waiting to be reported. A
+    /// request that waits goes through [`Uploads::call`] or [`Uploads::lease`].
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// Resolves every add, then waits until every request sent on the connection has
+    /// been answered; returns the first failure of work done without waiting (a
+    /// failed upload among them).
+    pub async fn flush(&self) -> Result<()> {
+        self.drain().await?;
+        self.client.flush().await
+    }
+
+    /// The connection's socket for a caller that speaks the protocol on it itself
+    /// ([`Client::lease`]), once every add made before is resolved and every request
+    /// before it answered: whatever the caller sends, the daemon has seen them all.
+    pub async fn lease(&self) -> Result<Lease> {
+        self.drain().await?;
+        self.client.lease().await
+    }
+
+    /// A request that waits for its answer, sent after every add made before is
+    /// resolved, so that the daemon sees them first: `request` makes it on the
+    /// connection's client.
+    pub async fn call<T: Send + 'static>(&self, request: impl FnOnce(&Client) -> Call<'_, T>) -> Result<T> {
+        self.drain().await?;
+        request(&self.client).wait().await
     }
 
     /// Returns once every add made before is known valid or has its upload on the
@@ -930,4 +968,19 @@ impl Arena {
         parts.iter().for_each(|p| self.chunk.extend_from_slice(p));
         self.chunk.split().freeze()
     }
+}
+
+/// The references of a computed add as the add keeps them: base names, checked,
+/// separated by spaces.
+fn join_base_names<R: AsRef<str>>(references: &[R]) -> Result<String> {
+    let mut joined = String::with_capacity(references.iter().map(|r| r.as_ref().len() + 1).sum());
+    for r in references {
+        let r = r.as_ref();
+        StorePath::check_base_name(r)?;
+        if !joined.is_empty() {
+            joined.push(' ');
+        }
+        joined.push_str(r);
+    }
+    Ok(joined)
 }

@@ -126,7 +126,8 @@ async fn fork_pipelines_the_workload() {
     assert_eq!(count(uploads, "skippedValid"), 0, "{client}");
     assert!(count(uploads, "uploadBatches") < paths / 10, "{client}");
     assert!(count(uploads, "checkBatches") < paths / 10, "{client}");
-    assert!(count(&client, "waits") + count(uploads, "drains") <= 2, "{client}");
+    // Drains come before the lease or flush they are for, whose wait counts.
+    assert!(count(&client, "waits") <= 2, "{client}");
     assert!(client["requestsByOp"].get("AddToStore").is_none(), "{client}");
 
     let (second, client) = run();
@@ -135,7 +136,7 @@ async fn fork_pipelines_the_workload() {
     assert_eq!(count(uploads, "skippedValid"), paths, "{client}");
     assert_eq!(count(uploads, "uploaded"), 0, "{client}");
     assert!(client["requestsByOp"].get("AddMultipleToStore").is_none(), "{client}");
-    assert!(count(&client, "waits") + count(uploads, "drains") <= 2, "{client}");
+    assert!(count(&client, "waits") <= 2, "{client}");
     for drv in &second {
         assert!(d.real_path(drv).exists(), "{drv} is not in the store");
     }
@@ -200,10 +201,13 @@ fn imports_larger_than_the_memory_cap_are_streamed() {
     let stock = eval("/usr/bin/nix-instantiate", "cxx");
     assert_eq!(fork, stock, "the fork put the imports elsewhere than stock");
 
-    assert_eq!(client["requestsByOp"]["AddToStore"], 2, "{client}");
+    // The two large imports stream as RemoteStore's own AddToStore, each on the
+    // socket leased from the Rust client: not held, not sent by it.
+    assert!(client["requestsByOp"].get("AddToStore").is_none(), "{client}");
+    assert!(client["leases"].as_u64().unwrap() >= 2, "{client}");
     assert_eq!(client["uploads"]["uploaded"], 1, "{client}");
     assert!(client["uploads"]["peakPendingBytes"].as_u64().unwrap() < cap as u64, "{client}");
-    assert!(client["bytesSent"].as_u64().unwrap() > 5 * cap as u64, "{client}");
+    assert!(client["bytesSent"].as_u64().unwrap() < cap as u64, "{client}");
     let printed: Vec<String> = serde_json::from_str(&fork.join("")).unwrap();
     assert_eq!(printed.len(), 3);
     assert_eq!(std::fs::read(d.real_path(&printed[1])).unwrap(), flat);
@@ -442,5 +446,53 @@ async fn the_fork_daemon_killed_mid_batch_leaves_a_sound_store() {
     assert!(valid.len() > 1000, "only {} valid paths", valid.len());
     for p in &valid {
         assert!(d.real_path(&d.store_dir.print(p)).exists(), "{p} is valid but not on disk");
+    }
+}
+
+/// `nix-daemon --stdio` of the fork, whose store is the Rust client's
+/// (`RustDaemonStore`, a `RemoteStore`), forwards its connection to the daemon as
+/// stock does: the client on its stdin and stdout talks to the daemon itself, which
+/// tells it that it does not trust it (a daemon processing the ops itself would say
+/// it does).
+#[tokio::test]
+async fn the_forks_stdio_daemon_forwards_to_the_daemon() {
+    if !fork_built() {
+        return;
+    }
+    use tokio::io::AsyncWriteExt;
+    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    for client in ["rust", "cxx"] {
+        let daemon = format!("{FORK_PREFIX}/bin/nix-daemon");
+        let mut cmd = tokio::process::Command::from(d.command_as(
+            client_user(),
+            &[("NIX_DAEMON_CLIENT", client)],
+            &[&daemon, "--stdio"],
+        ));
+        let mut child = cmd
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // The child's pipes, joined to a socket the client can use.
+        let (ours, theirs) = tokio::net::UnixStream::pair().unwrap();
+        let (mut from_child, mut to_child) = (child.stdout.take().unwrap(), child.stdin.take().unwrap());
+        let (mut read_half, mut write_half) = theirs.into_split();
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut from_child, &mut write_half).await;
+            let _ = write_half.shutdown().await;
+        });
+        tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut read_half, &mut to_child).await;
+        });
+        let c = Client::from_stream(ours, d.options()).await.unwrap();
+        assert_eq!(c.info().trusted, Some(rust_store::types::TrustedFlag::NotTrusted), "{client}");
+        let name = format!("through-stdio-{client}");
+        let added = c.add_text(&name, b"forwarded\n".to_vec(), &Default::default()).await.unwrap();
+        drop(c);
+        let direct = d.connect().await;
+        assert!(direct.is_valid_path(&added.path).await.unwrap(), "{client}");
+        let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+        assert!(status.success(), "{client}: nix-daemon --stdio ended with {status}");
     }
 }

@@ -506,61 +506,62 @@ async fn channel_bodies_stream_and_a_nar_cut_short_is_refused() {
     assert!(c.is_valid_path(&info.path).await.unwrap());
 }
 
-/// raw_call returns each op's exact result bytes, which decode to what the typed call
-/// returns; raw and typed calls share the pipeline.
+/// A lease hands the socket over once the requests in flight before it are
+/// answered: the holder speaks the protocol itself on it, requests made meanwhile
+/// wait, and afterwards the pipeline goes on. A lease given back out of step ends
+/// the connection.
 #[tokio::test]
-async fn raw_calls_return_exact_result_bytes() {
-    use rust_store::codec::{Ctx, Decoder, Encoder};
+async fn a_lease_lends_the_socket_between_requests() {
+    use std::io::{Read, Write};
+    use std::os::fd::BorrowedFd;
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let c = d.connect().await;
-    let ctx = Ctx { version: c.version(), store_dir: c.store_dir().clone() };
-    let encode = |f: &dyn Fn(&mut Encoder<'_>)| {
-        let mut buf = Vec::new();
-        f(&mut Encoder::new(&mut buf, &ctx));
-        buf
-    };
-    let path_arg = |p: &StorePath| {
-        encode(&|e| {
-            e.path(p);
-        })
-    };
     let hello = c.add_text("hello.txt", b"hello\n".to_vec(), &BTreeSet::new()).await.unwrap();
-    let absent = c.store_dir().compute_text_path("absent", b"", &BTreeSet::new()).unwrap();
+    let before: Vec<_> = {
+        let mut v = Vec::new();
+        for _ in 0..50 {
+            v.push(c.is_valid_path(&hello.path).start().await.unwrap());
+        }
+        v
+    };
+    let lease = c.lease().await.unwrap();
+    // Every reply before the lease has been read.
+    for p in before {
+        assert!(p.await.unwrap());
+    }
+    let during = tokio::spawn({
+        let (c, path) = (c.clone(), hello.path.clone());
+        async move { c.is_valid_path(&path).await }
+    });
 
-    // Several raw calls in flight at once, between typed ones.
-    let info = c.raw_call(Op::QueryPathInfo, None, &path_arg(&hello.path), None).start().await.unwrap();
-    let none = c.raw_call(Op::QueryPathInfo, None, &path_arg(&absent), None).start().await.unwrap();
-    let typed = c.is_valid_path(&hello.path).start().await.unwrap();
-    let add = c
-        .raw_call(
-            Op::AddToStore,
-            Some("raw".into()),
-            &encode(&|e| {
-                e.str("raw").str("text:sha256").put(&BTreeSet::<StorePath>::new()).bool(false);
-            }),
-            Some(Body::Bytes(b"raw text".to_vec())),
-        )
-        .start()
-        .await
-        .unwrap();
-    let nar = c.raw_call(Op::NarFromPath, None, &path_arg(&hello.path), None).start().await.unwrap();
-    let roots = c.raw_call(Op::FindRoots, None, &[], None).start().await.unwrap();
-
-    let decode = |bytes: Vec<u8>| Decoder::from_bytes(bytes, ctx.clone());
-    let mut dec = decode(info.await.unwrap());
-    assert_eq!(dec.get::<Option<UnkeyedValidPathInfo>>().await.unwrap(), Some(hello.info.clone()));
-    assert!(dec.at_eof().await.unwrap());
-    assert_eq!(none.await.unwrap(), 0u64.to_le_bytes());
-    assert!(typed.await.unwrap());
-    let mut dec = decode(add.await.unwrap());
-    let added: ValidPathInfo = dec.get().await.unwrap();
-    assert_eq!(added.path, c.store_dir().compute_text_path("raw", b"raw text", &BTreeSet::new()).unwrap());
-    assert!(dec.at_eof().await.unwrap());
-    assert_eq!(nar.await.unwrap(), nar::dump_flat_file_contents(b"hello\n"));
-    assert!(!roots.await.unwrap().is_empty());
-
-    // A daemon error through a raw call fails only that call.
-    let e = c.raw_call(Op::EnsurePath, None, &path_arg(&absent), None).await.unwrap_err();
-    assert!(e.daemon_error().is_some(), "{e}");
+    // IsValidPath, by hand, on the blocking socket.
+    let path = c.store_dir().print(&hello.path);
+    let fd = lease.fd();
+    let reply = tokio::task::spawn_blocking(move || {
+        let fd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
+        let mut sock = std::fs::File::from(fd);
+        let mut req = Vec::new();
+        req.extend_from_slice(&(Op::IsValidPath as u64).to_le_bytes());
+        req.extend_from_slice(&(path.len() as u64).to_le_bytes());
+        req.extend_from_slice(path.as_bytes());
+        req.resize(req.len().next_multiple_of(8), 0);
+        sock.write_all(&req).unwrap();
+        let mut reply = [0u8; 16];
+        sock.read_exact(&mut reply).unwrap();
+        reply
+    })
+    .await
+    .unwrap();
+    assert_eq!(u64::from_le_bytes(reply[..8].try_into().unwrap()), 0x616c7473, "STDERR_LAST");
+    assert_eq!(u64::from_le_bytes(reply[8..].try_into().unwrap()), 1);
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert!(!during.is_finished(), "a request made during the lease went out before it ended");
+    drop(lease);
+    assert!(during.await.unwrap().unwrap());
     assert!(c.is_valid_path(&hello.path).await.unwrap());
+    assert_eq!(c.stats().leases, 1);
+
+    c.lease().await.unwrap().abandon();
+    let e = c.is_valid_path(&hello.path).await.unwrap_err();
+    assert!(e.to_string().contains("given up in the middle of an operation"), "{e}");
 }

@@ -152,7 +152,7 @@ async fn computed_adds_upload_with_their_references() {
         for a in given {
             let path = a.path(&store_dir).unwrap();
             let refs: Vec<String> = a.references.iter().map(StorePath::to_string).collect();
-            u2.add_computed_blocking(&path.to_string(), "text:sha256", &refs.join(" "), &a.data).unwrap();
+            u2.add_computed_blocking(&path.to_string(), "text:sha256", &refs, &a.data).unwrap();
             paths.push(path);
         }
         paths
@@ -170,7 +170,7 @@ async fn computed_adds_upload_with_their_references() {
     assert_eq!((s.added, s.valid, s.uploaded, s.failed), (60, 20, 40, 0), "{s}");
 
     // A base name that is not one fails at once, naming it.
-    let e = u.add_computed_blocking("not-a-store-path", "text:sha256", "", b"").unwrap_err().to_string();
+    let e = u.add_computed_blocking::<&str>("not-a-store-path", "text:sha256", &[], b"").unwrap_err().to_string();
     assert!(e.contains("not-a-store-path"), "{e}");
 }
 
@@ -187,7 +187,7 @@ async fn failures_surface_at_the_next_wait() {
     let wrong = text("mismatch", "these contents", BTreeSet::new());
     let other = text("mismatch", "other contents", BTreeSet::new()).path(c.store_dir()).unwrap();
     let u2 = u.clone();
-    let add = move || u2.add_computed_blocking(&other.to_string(), "text:sha256", "", &wrong.data);
+    let add = move || u2.add_computed_blocking::<&str>(&other.to_string(), "text:sha256", &[], &wrong.data);
     tokio::task::spawn_blocking(add).await.unwrap().unwrap();
     u.drain().await.unwrap();
     let e = c.flush().await.unwrap_err().to_string();
@@ -269,11 +269,11 @@ fn temp_roots_waiting_for_room_do_not_block_the_uploads() {
     let adds = chain(&c, "roots", 400);
     let paths: Vec<StorePath> = adds.iter().map(|a| a.path(c.store_dir()).unwrap()).collect();
     // As the bridge hands them over: base name, references, contents.
-    let computed: Vec<(String, String, Vec<u8>)> = adds
+    let computed: Vec<(String, Vec<String>, Vec<u8>)> = adds
         .iter()
         .zip(&paths)
         .map(|(a, p)| {
-            let refs = a.references.iter().map(StorePath::to_string).collect::<Vec<_>>().join(" ");
+            let refs = a.references.iter().map(StorePath::to_string).collect::<Vec<_>>();
             (p.to_string(), refs, a.data.clone())
         })
         .collect();
