@@ -158,6 +158,9 @@ mod ffi {
 
         /// The connection's counters, as a JSON object.
         fn stats_json(self: &DaemonConnection) -> String;
+
+        /// Flushes every connection still open; returns the first failure.
+        fn flush_live() -> Outcome;
     }
 
     unsafe extern "C++" {
@@ -323,6 +326,24 @@ extern "C" fn flush_live_connections() {
             eprintln!("error: {e}");
         }
     }
+}
+
+fn flush_live() -> Outcome {
+    outcome("flush_live", || {
+        let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+        let runtime = match runtime() {
+            Ok(r) => r,
+            Err(m) => return failed_msg(&m),
+        };
+        for uploads in live {
+            match wait(runtime, async move { uploads.flush().await }) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return failed(&e),
+                Err(m) => return failed_msg(&m),
+            }
+        }
+        ok(Vec::new())
+    })
 }
 
 /// Registers [`flush_live_connections`] once, and `uploads` in [`LIVE`].
