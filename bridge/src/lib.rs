@@ -314,36 +314,28 @@ pub struct DaemonConnection {
 /// The connections that exist, for [`flush_live_connections`].
 static LIVE: Mutex<Vec<Weak<Uploads>>> = Mutex::new(Vec::new());
 
+/// Flushes every connection still open, stopping at the first failure.
+fn flush_all() -> Result<(), Error> {
+    let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let runtime = runtime().map_err(Error::InvalidRequest)?;
+    for uploads in live {
+        wait(runtime, async move { uploads.flush().await }).map_err(Error::InvalidRequest)??;
+    }
+    Ok(())
+}
+
 /// Flushes every connection still open when the process exits, so that additions
 /// made without waiting reach the daemon even if their store is never closed (a
 /// program on the C API that exits holding it, say). A failure can only be logged
 /// here: the exit status is decided.
 extern "C" fn flush_live_connections() {
-    let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    let Ok(runtime) = runtime() else { return };
-    for uploads in live {
-        if let Ok(Err(e)) = wait(runtime, async move { uploads.flush().await }) {
-            eprintln!("error: {e}");
-        }
+    if let Err(e) = flush_all() {
+        eprintln!("error: {e}");
     }
 }
 
 fn flush_live() -> Outcome {
-    outcome("flush_live", || {
-        let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-        let runtime = match runtime() {
-            Ok(r) => r,
-            Err(m) => return failed_msg(&m),
-        };
-        for uploads in live {
-            match wait(runtime, async move { uploads.flush().await }) {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => return failed(&e),
-                Err(m) => return failed_msg(&m),
-            }
-        }
-        ok(Vec::new())
-    })
+    outcome("flush_live", || done(flush_all()))
 }
 
 /// Registers [`flush_live_connections`] once, and `uploads` in [`LIVE`].

@@ -574,15 +574,6 @@ impl Client {
         };
         Ok(Room { permit })
     }
-
-    /// Like [`Client::submit`], for a thread outside the runtime: blocks the thread
-    /// if the queue is full.
-    fn submit_blocking(&self, msg: Message) -> Result<()> {
-        match self.try_submit(msg)? {
-            None => Ok(()),
-            Some(msg) => self.inner.requests.blocking_send(msg).map_err(|_| self.inner.shared.disconnected()),
-        }
-    }
 }
 
 /// Room for one request in a connection's queue: see [`Client::reserve_blocking`].
@@ -672,14 +663,6 @@ impl<'c, T: Send + 'static> Call<'c, T> {
     pub async fn send(self) -> Result<()> {
         let (client, msg) = self.deferred()?;
         client.submit(msg).await
-    }
-
-    /// [`Call::send`] from a thread outside the runtime (no runtime is needed to
-    /// send): blocks the thread only if the in-flight queue is full. Must not be
-    /// called from within the runtime.
-    pub fn send_blocking(self) -> Result<()> {
-        let (client, msg) = self.deferred()?;
-        client.submit_blocking(msg)
     }
 
     /// [`Call::send`] into room reserved before ([`Client::reserve_blocking`]):
