@@ -451,9 +451,11 @@ async fn the_fork_daemon_killed_mid_batch_leaves_a_sound_store() {
 
 /// `nix-daemon --stdio` of the fork, whose store is the Rust client's
 /// (`RustDaemonStore`, a `RemoteStore`), forwards its connection to the daemon as
-/// stock does: the client on its stdin and stdout talks to the daemon itself, which
-/// tells it that it does not trust it (a daemon processing the ops itself would say
-/// it does).
+/// stock does: the client on its stdin and stdout talks to the daemon itself. In
+/// 2.26.3, `--stdio` forwards only with `--force-untrusted` (experimental feature
+/// `daemon-trust-override`; without it, it processes the ops itself, through its
+/// store); a forwarded add is the daemon's own, so it is
+/// valid on another connection as soon as it is answered.
 #[tokio::test]
 async fn the_forks_stdio_daemon_forwards_to_the_daemon() {
     if !fork_built() {
@@ -465,8 +467,8 @@ async fn the_forks_stdio_daemon_forwards_to_the_daemon() {
         let daemon = format!("{FORK_PREFIX}/bin/nix-daemon");
         let mut cmd = tokio::process::Command::from(d.command_as(
             client_user(),
-            &[("NIX_DAEMON_CLIENT", client)],
-            &[&daemon, "--stdio"],
+            &[("NIX_DAEMON_CLIENT", client), ("NIX_CONFIG", "extra-experimental-features = daemon-trust-override")],
+            &[&daemon, "--stdio", "--force-untrusted"],
         ));
         let mut child = cmd
             .stdin(std::process::Stdio::piped())
