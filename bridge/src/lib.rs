@@ -35,10 +35,11 @@ use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
 
-use rust_store::codec::{Ctx, Encoder, Version};
+use rust_store::codec::{Ctx, Encoder};
 use rust_store::connection::Lease;
 use rust_store::handshake::DaemonInfo;
 use rust_store::logger::{Activity, Field, Logger};
+use rust_store::protocol::Version;
 use rust_store::types::TrustedFlag;
 use rust_store::uploads::{UploadOptions, Uploads};
 use rust_store::{Client, ConnectOptions, Error, StoreDir, StorePath};
@@ -317,9 +318,9 @@ static LIVE: Mutex<Vec<Weak<Uploads>>> = Mutex::new(Vec::new());
 /// Flushes every connection still open, stopping at the first failure.
 fn flush_all() -> Result<(), Error> {
     let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    let runtime = runtime().map_err(Error::InvalidRequest)?;
+    let runtime = runtime().map_err(Error::Internal)?;
     for uploads in live {
-        wait(runtime, async move { uploads.flush().await }).map_err(Error::InvalidRequest)??;
+        wait(runtime, async move { uploads.flush().await }).map_err(Error::Internal)??;
     }
     Ok(())
 }
@@ -532,7 +533,7 @@ impl DaemonConnection {
         &self,
         fut: impl Future<Output = Result<T, Error>> + Send + 'static,
     ) -> Result<T, Error> {
-        wait(self.runtime, fut).map_err(Error::InvalidRequest)?
+        wait(self.runtime, fut).map_err(Error::Internal)?
     }
 
     fn stats_json(&self) -> String {

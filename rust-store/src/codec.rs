@@ -6,72 +6,21 @@
 //! by an empty frame.
 //!
 //! [`Encoder`] builds a request in memory; [`Decoder`] reads a reply from a buffered
-//! async stream. Both know the negotiated [`Version`] and the store directory, since
+//! async stream. Both know the negotiated [`Version`](crate::protocol::Version) and the store directory, since
 //! several encodings depend on the one and store paths travel printed in full.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 use std::future::Future;
 
 use tokio::io::{AsyncBufRead, AsyncReadExt};
 
 use crate::error::{Error, Result};
+use crate::protocol::Version;
 use crate::store_path::{StoreDir, StorePath};
-
-pub const WORKER_MAGIC_1: u64 = 0x6e69_7863;
-pub const WORKER_MAGIC_2: u64 = 0x6478_696f;
-
-pub const STDERR_NEXT: u64 = 0x6f6c_6d67;
-pub const STDERR_READ: u64 = 0x6461_7461;
-pub const STDERR_WRITE: u64 = 0x6461_7416;
-pub const STDERR_LAST: u64 = 0x616c_7473;
-pub const STDERR_ERROR: u64 = 0x6378_7470;
-pub const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
-pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
-pub const STDERR_RESULT: u64 = 0x5253_4c54;
 
 /// How much a single read of a length-prefixed value may grow a buffer before the
 /// bytes have actually arrived. Untrusted lengths never allocate more than this ahead.
 const READ_CHUNK: usize = 64 * 1024;
-
-/// A worker protocol version, `major.minor`, sent on the wire as `major << 8 | minor`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Version {
-    pub major: u8,
-    pub minor: u8,
-}
-
-impl Version {
-    /// The newest version this client speaks: that of Nix 2.26.3.
-    pub const LATEST: Version = Version::new(1, 38);
-    /// The oldest daemon version this client accepts (Nix 2.4's content-addressed
-    /// AddToStore).
-    pub const MINIMUM: Version = Version::new(1, 25);
-
-    pub const fn new(major: u8, minor: u8) -> Version {
-        Version { major, minor }
-    }
-
-    pub fn from_wire(v: u64) -> Version {
-        Version { major: ((v >> 8) & 0xff) as u8, minor: (v & 0xff) as u8 }
-    }
-
-    pub fn to_wire(self) -> u64 {
-        (u64::from(self.major) << 8) | u64::from(self.minor)
-    }
-
-    /// Whether this version has at least the given minor (same major assumed: the
-    /// handshake refuses any other).
-    pub fn at_least(self, minor: u8) -> bool {
-        self.minor >= minor
-    }
-}
-
-impl fmt::Display for Version {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}.{}", self.major, self.minor)
-    }
-}
 
 /// What every encoding step needs to know about the connection.
 #[derive(Clone, Debug)]

@@ -48,11 +48,11 @@ use tokio::net::unix::OwnedWriteHalf;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, debug_span, trace};
 
-use crate::codec::{Ctx, Decode, Decoder, Encoder, Version};
+use crate::codec::{Ctx, Decode, Decoder, Encoder};
 use crate::error::{DaemonError, Error, Result};
 use crate::handshake::{DaemonInfo, handshake};
 use crate::logger::{Logger, TracingLogger};
-use crate::ops::Op;
+use crate::protocol::{Op, Version};
 use crate::stats::{Counted, Stats, StatsSnapshot};
 use crate::stderr::{DaemonMessage, Outcome, read_envelope};
 use crate::store_path::StoreDir;
@@ -525,7 +525,7 @@ impl Client {
     /// A request this connection cannot make, failing when awaited or sent.
     pub(crate) fn refuse<T: Send + 'static>(&self, e: Error) -> Call<'_, T> {
         fn never<T>(_: &mut Decoder) -> BoxFuture<'_, Result<T>> {
-            Box::pin(async { Err(Error::InvalidRequest("refused request was sent".into())) })
+            Box::pin(async { Err(Error::Internal("a refused request was sent".into())) })
         }
         Call { client: self, request: Err(e), decode: never::<T>, check: None }
     }

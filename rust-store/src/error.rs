@@ -5,8 +5,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::codec::Version;
-use crate::ops::Op;
+use crate::protocol::{Op, Version};
 use crate::store_path::PathError;
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -68,12 +67,23 @@ pub enum Error {
     #[error("reading the data to upload for {op} '{subject}': {source}")]
     Upload { op: Op, subject: String, source: std::io::Error },
 
-    #[error("invalid request: {0}")]
-    InvalidRequest(String),
+    /// This client will not send the request: the daemon would fail it in a way that
+    /// breaks the connection, or it cannot succeed.
+    #[error("{op} '{subject}': {reason}")]
+    Refused { op: Op, subject: String, reason: String },
 
-    /// A result failed the check its caller attached ([`crate::Call::check`]).
+    /// The caller's input is malformed (an id, a path, a content address).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
+
+    /// The daemon's reply is well-formed but not what the request implies; the
+    /// caller's check ([`crate::Call::check`]) found it.
     #[error("{0}")]
-    Unexpected(String),
+    UnexpectedReply(String),
+
+    /// This client itself failed: its runtime or upload task is gone.
+    #[error("internal error in the Nix daemon client: {0}")]
+    Internal(String),
 }
 
 impl Error {

@@ -9,6 +9,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use crate::codec::*;
 use crate::error::{Error, Result};
 use crate::logger::Logger;
+use crate::protocol::*;
 use crate::stderr::{Outcome, read_envelope};
 use crate::types::TrustedFlag;
 

@@ -8,6 +8,7 @@
 //! next call that waits or at [`Client::flush`].
 //!
 //! Module map:
+//! - [`protocol`]: the protocol's constants: version, op codes, magic numbers.
 //! - [`codec`]: the wire encoding (integers, padded strings, collections, frames).
 //! - [`types`]: the protocol's value types (path infos, build results, …) and their encoding.
 //! - [`handshake`]: version negotiation, features, trust, and the daemon's greeting.
@@ -28,6 +29,7 @@ pub mod hash;
 pub mod logger;
 pub mod nar;
 pub mod ops;
+pub mod protocol;
 pub mod stats;
 mod stderr;
 pub mod store_path;

@@ -2,78 +2,17 @@
 //! (libstore/daemon.cc). Each returns a [`Call`]: `.await` it for the result, or
 //! `.send()` it without waiting.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-
 use futures::future::BoxFuture;
+use std::collections::{BTreeMap, BTreeSet};
 
-use crate::codec::{Ctx, Decode, Decoder, Encoder, Version};
+use crate::codec::{Ctx, Decode, Decoder, Encoder};
 use crate::connection::{Body, Call, Client};
 use crate::error::{Error, Result};
 use crate::hash::HashAlgo;
 use crate::nar;
+use crate::protocol::{Op, Version};
 use crate::store_path::{ContentAddress, ContentAddressMethod, StorePath};
 use crate::types::*;
-
-macro_rules! ops {
-    ($($name:ident = $code:literal,)*) => {
-        /// A worker-protocol operation code.
-        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-        #[repr(u64)]
-        pub enum Op { $($name = $code,)* }
-
-        impl Op {
-            pub fn from_code(code: u64) -> Option<Op> {
-                match code { $($code => Some(Op::$name),)* _ => None }
-            }
-
-            pub fn name(self) -> &'static str {
-                match self { $(Op::$name => stringify!($name),)* }
-            }
-        }
-    };
-}
-
-ops! {
-    IsValidPath = 1,
-    QueryReferrers = 6,
-    AddToStore = 7,
-    AddTextToStore = 8,
-    BuildPaths = 9,
-    EnsurePath = 10,
-    AddTempRoot = 11,
-    AddIndirectRoot = 12,
-    FindRoots = 14,
-    SetOptions = 19,
-    CollectGarbage = 20,
-    QueryAllValidPaths = 23,
-    QueryPathInfo = 26,
-    QueryPathFromHashPart = 29,
-    QuerySubstitutablePathInfos = 30,
-    QueryValidPaths = 31,
-    QuerySubstitutablePaths = 32,
-    QueryValidDerivers = 33,
-    OptimiseStore = 34,
-    VerifyStore = 35,
-    BuildDerivation = 36,
-    AddSignatures = 37,
-    NarFromPath = 38,
-    AddToStoreNar = 39,
-    QueryMissing = 40,
-    QueryDerivationOutputMap = 41,
-    RegisterDrvOutput = 42,
-    QueryRealisation = 43,
-    AddMultipleToStore = 44,
-    AddBuildLog = 45,
-    BuildPathsWithResults = 46,
-    AddPermRoot = 47,
-}
-
-impl fmt::Display for Op {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// A NAR, as NarFromPath returns it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -410,18 +349,20 @@ impl Client {
         }
         // The daemon asserts that the path is a derivation, and aborts if not.
         if !drv_path.is_derivation() {
-            return self.refuse(Error::InvalidRequest(format!(
-                "AddBuildLog '{}': build logs belong to derivations (.drv paths)",
-                self.store_dir().print(drv_path)
-            )));
+            return self.refuse(Error::Refused {
+                op: Op::AddBuildLog,
+                subject: self.store_dir().print(drv_path),
+                reason: "build logs belong to derivations (.drv paths)".into(),
+            });
         }
         // The daemon refuses untrusted clients after starting its reply but before
         // reading the frames, which would then be read as ops: refuse here instead.
         if self.info().trusted == Some(TrustedFlag::NotTrusted) {
-            return self.refuse(Error::InvalidRequest(format!(
-                "AddBuildLog '{}': the Nix daemon does not trust this client, and only trusted clients may add build logs",
-                self.store_dir().print(drv_path)
-            )));
+            return self.refuse(Error::Refused {
+                op: Op::AddBuildLog,
+                subject: self.store_dir().print(drv_path),
+                reason: "the Nix daemon does not trust this client, and only trusted clients may add build logs".into(),
+            });
         }
         // Unlike every other op, this one takes the path's base name.
         self.call_with(Op::AddBuildLog, self.subject(drv_path), ack, |e| {

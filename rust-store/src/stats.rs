@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::ops::Op;
+use crate::protocol::Op;
 
 const OPS: usize = 64;
 

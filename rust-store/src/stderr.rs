@@ -4,6 +4,7 @@
 use crate::codec::*;
 use crate::error::{Error, Result};
 use crate::logger::{Activity, Field, Logger};
+use crate::protocol::*;
 
 /// How the daemon ended its reply envelope.
 pub(crate) enum Outcome {

@@ -261,9 +261,9 @@ pub struct DrvOutput {
 impl DrvOutput {
     pub fn parse(s: &str) -> Result<DrvOutput> {
         let (h, name) =
-            s.split_once('!').ok_or_else(|| Error::InvalidRequest(format!("invalid derivation output id '{s}'")))?;
+            s.split_once('!').ok_or_else(|| Error::InvalidInput(format!("invalid derivation output id '{s}'")))?;
         let drv_hash = Hash::parse_any(h, None)
-            .map_err(|e| Error::InvalidRequest(format!("invalid derivation output id '{s}': {e}")))?;
+            .map_err(|e| Error::InvalidInput(format!("invalid derivation output id '{s}': {e}")))?;
         Ok(DrvOutput { drv_hash, output_name: name.to_owned() })
     }
 }

@@ -325,7 +325,7 @@ impl Item {
     }
 
     fn text(&self, from: usize, to: usize) -> Result<&str> {
-        std::str::from_utf8(&self.bytes[from..to]).map_err(|e| Error::InvalidRequest(e.to_string()))
+        std::str::from_utf8(&self.bytes[from..to]).map_err(|e| Error::InvalidInput(e.to_string()))
     }
 
     fn base_name(&self) -> Result<&str> {
@@ -343,7 +343,7 @@ impl Item {
     fn decode(self, store_dir: &StoreDir) -> Result<(StorePath, CaAdd, ContentAddress)> {
         let base_name = self.base_name()?;
         let path = StorePath::from_base_name(base_name)?;
-        let what = |e: &dyn fmt::Display| Error::InvalidRequest(format!("adding '{}': {e}", store_dir.print(&path)));
+        let what = |e: &dyn fmt::Display| Error::InvalidInput(format!("adding '{}': {e}", store_dir.print(&path)));
         let (method, algo, data) = self.contents().map_err(|e| what(&e))?;
         let references = self
             .text(self.ends[1], self.ends[2])?
@@ -630,7 +630,7 @@ impl Uploads {
     /// The task stops only when the last handle is dropped; if it has stopped
     /// anyway, adds are lost, and that must not pass silently.
     fn stopped(&self) -> Error {
-        Error::InvalidRequest(format!(
+        Error::Internal(format!(
             "the daemon client's upload task has stopped with {} additions unsent",
             self.shared.unresolved.load(Relaxed)
         ))
@@ -896,7 +896,7 @@ impl Task {
                 if info.path == path {
                     Ok(())
                 } else {
-                    Err(Error::Unexpected(format!("the daemon added '{printed}' at another path")))
+                    Err(Error::UnexpectedReply(format!("the daemon added '{printed}' at another path")))
                 }
             };
             self.client

@@ -11,6 +11,7 @@ use std::time::Duration;
 use rust_store::codec::*;
 use rust_store::error::Error;
 use rust_store::logger::{Activity, Field, Logger};
+use rust_store::protocol::*;
 use rust_store::{Client, ConnectOptions, StoreDir, StorePath};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;

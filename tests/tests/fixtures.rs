@@ -7,8 +7,9 @@
 use std::collections::BTreeSet;
 
 use rust_store::StoreDir;
-use rust_store::codec::{Ctx, Decode, Decoder, Encode, Encoder, Version};
+use rust_store::codec::{Ctx, Decode, Decoder, Encode, Encoder};
 use rust_store::hash::{Hash, HashAlgo};
+use rust_store::protocol::Version;
 use rust_store::store_path::{ContentAddress, StorePath};
 use rust_store::types::*;
 use store_tests::nix_source;
@@ -183,7 +184,7 @@ async fn client_handshake_info() {
 async fn handshake_to_client() {
     let bytes = fixture("handshake-to-client");
     let mut d = Decoder::from_bytes(bytes.clone(), ctx(10));
-    assert_eq!(d.u64().await.unwrap(), rust_store::codec::WORKER_MAGIC_2);
+    assert_eq!(d.u64().await.unwrap(), rust_store::protocol::WORKER_MAGIC_2);
     assert_eq!(Version::from_wire(d.u64().await.unwrap()), Version::new(1, 10));
     assert!(d.at_eof().await.unwrap());
 }

@@ -4,13 +4,13 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
-use rust_store::codec::Version;
 use rust_store::connection::Body;
 use rust_store::error::Error;
 use rust_store::hash::{Hash, HashAlgo};
 use rust_store::logger::{Activity, Field, Logger};
 use rust_store::nar;
-use rust_store::ops::Op;
+use rust_store::protocol::Op;
+use rust_store::protocol::Version;
 use rust_store::store_path::{ContentAddress, ContentAddressMethod, StorePath};
 use rust_store::types::*;
 use rust_store::{Client, ConnectOptions};

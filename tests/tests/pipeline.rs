@@ -203,7 +203,7 @@ async fn deferred_failure_surfaces_at_next_wait() {
         Error::Deferred { first, more } => {
             assert_eq!(*more, 0);
             let de = first.daemon_error().unwrap();
-            assert_eq!(de.op, rust_store::ops::Op::EnsurePath);
+            assert_eq!(de.op, rust_store::protocol::Op::EnsurePath);
             assert_eq!(de.subject.as_deref(), Some(sd.print(&absent).as_str()));
         }
         other => panic!("expected a deferred error, got {other}"),
@@ -312,7 +312,7 @@ async fn failed_check_surfaces_like_a_daemon_error() {
             if info.path == wrong {
                 Ok(())
             } else {
-                Err(rust_store::error::Error::Unexpected(format!("stored at {}", info.path)))
+                Err(rust_store::error::Error::UnexpectedReply(format!("stored at {}", info.path)))
             }
         })
         .send()

@@ -5,9 +5,9 @@
 use std::collections::BTreeSet;
 use std::sync::Arc;
 
-use rust_store::codec::Version;
 use rust_store::hash::HashAlgo;
-use rust_store::ops::Op;
+use rust_store::protocol::Op;
+use rust_store::protocol::Version;
 use rust_store::store_path::ContentAddressMethod;
 use rust_store::uploads::{CaAdd, UploadOptions, Uploads};
 use rust_store::{Client, ConnectOptions, StorePath};
