@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use store_tests::{Daemon, FORK_PREFIX, Flake, Nix, Trust, client_user, fork_built, nix_root};
+use store_tests::{Daemon, FORK_PREFIX, Flake, Nix, Trust, client_user, nix_root, require_fork};
 
 /// The consumer's sources in this repository.
 const CONSUMER_SRC: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/c-api-consumer");
@@ -97,11 +97,10 @@ fn field<'a>(stderr: &'a str, name: &str) -> &'a str {
         .unwrap_or_else(|| panic!("no '{name}:' line in the consumer's stderr:\n{stderr}"))
 }
 
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn c_api_consumer_evaluates_through_the_rust_client() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let consumer = build_consumer();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let user = client_user();
@@ -156,11 +155,10 @@ fn c_api_consumer_evaluates_through_the_rust_client() {
 /// (libflake-c's `nix_flake_init_global`, then `builtins.getFlake`), as an
 /// evaluation worker on the C API does: through the Rust client, the derivations
 /// the CLI prints, each written to the daemon's store with its closure.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn c_api_consumer_evaluates_a_flake_through_the_rust_client() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let consumer = build_consumer();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let user = client_user();

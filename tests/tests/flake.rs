@@ -5,7 +5,7 @@
 
 use std::process::Output;
 
-use store_tests::{Daemon, FORK_PREFIX, Flake, Nix, SYSTEM, Trust, client_user, fork_built};
+use store_tests::{Daemon, FORK_PREFIX, Flake, Nix, SYSTEM, Trust, client_user, require_fork};
 
 /// Runs `nix ARGS` as the client user with the fork's Rust client or stock nix-bin,
 /// with flakes enabled and the counters written to `stats.json` in its home.
@@ -47,11 +47,10 @@ fn blocking_waits(client: &serde_json::Value) -> u64 {
 /// with the same derivations), for both workload shapes: the Rust client prints
 /// what stock prints, leaves every .drv and its closure valid, and blocks only a
 /// few times in all, not per derivation.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn nix_eval_of_a_flake_matches_stock_and_blocks_a_few_times() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let mut flake = Flake::new(&d);
     for (shape, n) in [("workload", 600), ("nixpkgs", 400)] {
@@ -83,11 +82,10 @@ fn nix_eval_of_a_flake_matches_stock_and_blocks_a_few_times() {
 /// .drv path (read-only, as stock does without building: it writes only the flake's
 /// source), succeeds through the Rust client as through stock, with the same
 /// derivations, and blocks only a few times.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn flake_check_matches_stock() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let mut flake = Flake::new(&d);
     let flake_ref = flake.commit("nixpkgs", 200, "check");
@@ -112,11 +110,10 @@ fn flake_check_matches_stock() {
 /// reads every one of them back at once, as an evaluation worker does: the Rust
 /// client serves those reads from the contents it holds, so no read waits for the
 /// daemon, and the output is stock's.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn reading_back_what_was_just_written_does_not_wait() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let mut flake = Flake::new(&d);
     let n = 300;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use rust_store::types::UnkeyedValidPathInfo;
 use rust_store::{Client, StorePath};
-use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, client_user, fork_built};
+use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, client_user, require_fork};
 
 const WORKLOAD: &str = include_str!("../../bench/workload.nix");
 const SHARED_INPUT: &str = include_str!("../../bench/shared-input.txt");
@@ -63,11 +63,10 @@ async fn store_contents(c: &Client) -> BTreeMap<StorePath, (UnkeyedValidPathInfo
 /// and every store path it creates has the same NAR (and references, and content
 /// address) as stock's. The two run one after the other, on fresh stores in the
 /// same directory.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fork_writes_what_stock_writes() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let dir = format!("/tmp/nt-equal-{}", std::process::id());
     let run = |program: &str, client: &str| {
         let d = Daemon::start_in(Nix::V2_26, Trust::Untrusted, &dir);
@@ -97,11 +96,10 @@ async fn fork_writes_what_stock_writes() {
 /// The Rust client sends the workload's writes without waiting for them and
 /// uploads only what the daemon lacks: next to no blocking waits; on a fresh store
 /// every path uploaded, in batches; on the second run none, all found valid.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[tokio::test]
 async fn fork_pipelines_the_workload() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let file = workload(&d);
     let stats = stats_path(&d);
@@ -145,11 +143,10 @@ async fn fork_pipelines_the_workload() {
 /// Path imports larger than the cap on contents held for unconfirmed additions are
 /// not held: they stream to the daemon as they are read (AddToStore, the daemon
 /// computing the path, as stock Nix does), and land at the paths stock Nix gives them.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn imports_larger_than_the_memory_cap_are_streamed() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let dir = d.host_path("work");
     std::fs::create_dir_all(dir.join("tree/sub")).unwrap();
@@ -216,11 +213,10 @@ fn imports_larger_than_the_memory_cap_are_streamed() {
 
 /// A daemon that dies in the middle of an evaluation makes the command fail with an
 /// error, as stock Nix does: no hang, no panic.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[tokio::test]
 async fn fork_fails_cleanly_when_the_daemon_dies() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     for (program, client) in
         [("/usr/bin/nix-instantiate", "cxx"), (&*format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust")]
     {
@@ -268,13 +264,12 @@ async fn fork_fails_cleanly_when_the_daemon_dies() {
 /// point, naming the op and the path; `nix-instantiate` has printed the roots of
 /// the derivations before it by then. The test runs again, with the collector
 /// still running, until a run succeeds.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn garbage_collection_during_evaluation_keeps_what_it_printed() {
     /// Runs before the test gives up on meeting the race.
     const MAX_RUNS: usize = 10;
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let file = workload(&d);
     ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 500, "gc"), "stock");
@@ -333,11 +328,10 @@ impl Drop for StopOnDrop<'_> {
 /// Eight evaluations of the same workload at once against one daemon, all with the
 /// Rust client: the same output from each, no error, and everything valid; against
 /// the stock daemon and the fork's, whose batches then wait for each other's locks.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn eight_evaluations_at_once() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     for nix in [Nix::V2_26, Nix::Fork] {
         eight_evaluations_at_once_against(nix);
     }
@@ -371,11 +365,10 @@ fn eight_evaluations_at_once_against(nix: Nix) {
 /// of the workload through it gives the same paths, NARs and path infos as stock
 /// nix-bin through the stock daemon; stock clients (2.26.3's nix-bin) get the same
 /// answers from it; and its store verifies, contents included.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fork_daemon_stores_what_the_stock_daemon_stores() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let dir = format!("/tmp/nt-fork-daemon-{}", std::process::id());
     let (stock, stock_paths) = {
         let d = Daemon::start_in(Nix::V2_26, Trust::Untrusted, &dir);
@@ -406,11 +399,10 @@ async fn the_fork_daemon_stores_what_the_stock_daemon_stores() {
 /// The fork's daemon killed (SIGKILL, its connection's process) in the middle of
 /// the Rust client's batches, 20 times: afterwards the store verifies with its
 /// contents, and every path it reports valid has its files.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fork_daemon_killed_mid_batch_leaves_a_sound_store() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let d = Daemon::start(Nix::Fork, Trust::Untrusted);
     let file = workload(&d);
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
@@ -456,11 +448,10 @@ async fn the_fork_daemon_killed_mid_batch_leaves_a_sound_store() {
 /// `daemon-trust-override`; without it, it processes the ops itself, through its
 /// store); a forwarded add is the daemon's own, so it is
 /// valid on another connection as soon as it is answered.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[tokio::test]
 async fn the_forks_stdio_daemon_forwards_to_the_daemon() {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     use tokio::io::AsyncWriteExt;
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     for client in ["rust", "cxx"] {

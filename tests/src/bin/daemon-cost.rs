@@ -16,7 +16,7 @@ use rust_store::hash::HashAlgo;
 use rust_store::store_path::ContentAddressMethod;
 use rust_store::uploads::{CaAdd, UploadOptions, Uploads};
 use rust_store::{Client, StorePath};
-use store_tests::{Daemon, Nix, Trust, fork_built};
+use store_tests::{Daemon, Nix, Trust, require_fork};
 
 /// User plus system CPU time of a process, from /proc.
 fn cpu_time(pid: u32) -> Duration {
@@ -145,9 +145,7 @@ async fn upload_new(daemon: &Daemon, tag: &str, n: usize) -> (Duration, Duration
 }
 
 async fn new_paths(n: usize, rounds: usize) {
-    if !fork_built() {
-        return;
-    }
+    require_fork();
     let daemons = [
         ("stock 2.26.3", Daemon::start(Nix::V2_26, Trust::Untrusted)),
         ("the fork's", Daemon::start(Nix::Fork, Trust::Untrusted)),
