@@ -28,8 +28,9 @@ pub struct DaemonInfo {
     pub features: BTreeSet<String>,
 }
 
-/// The features this client supports. Nix 2.26.3 defines none.
-pub const FEATURES: &[&str] = &[];
+/// The features this client supports. Nix 2.26.3 defines none; the fork's daemon
+/// offers `addTempRoots`, as upstream defines it.
+pub const FEATURES: &[&str] = &[FEATURE_ADD_TEMP_ROOTS];
 
 /// Runs the client side of the handshake. `d` must start at the version `ours`; on
 /// success it speaks the negotiated version.

@@ -10,7 +10,7 @@ use crate::connection::{Body, Call, Client};
 use crate::error::{Error, Result};
 use crate::hash::HashAlgo;
 use crate::nar;
-use crate::protocol::{Op, Version};
+use crate::protocol::{FEATURE_ADD_TEMP_ROOTS, Op, Version};
 use crate::store_path::{ContentAddress, ContentAddressMethod, StorePath};
 use crate::types::*;
 
@@ -281,6 +281,27 @@ impl Client {
         self.call_with(Op::AddTempRoot, self.subject(path), ack, |e| {
             e.path(path);
         })
+    }
+
+    /// Protects the paths from garbage collection while this connection is open, in one
+    /// request. Only daemons that offer the feature `addTempRoots` serve it (see
+    /// [`Client::has_add_temp_roots`]); an empty set sends nothing.
+    pub fn add_temp_roots(&self, paths: &BTreeSet<StorePath>) -> Call<'_, ()> {
+        if !self.has_add_temp_roots() {
+            return self.refuse(Error::Refused {
+                op: Op::AddTempRoots,
+                subject: format!("{} paths", paths.len()),
+                reason: format!("the Nix daemon does not offer the feature '{FEATURE_ADD_TEMP_ROOTS}'"),
+            });
+        }
+        self.call_with(Op::AddTempRoots, None, ack, |e| {
+            e.put(paths);
+        })
+    }
+
+    /// Whether the daemon serves [`Client::add_temp_roots`].
+    pub fn has_add_temp_roots(&self) -> bool {
+        self.info().features.contains(FEATURE_ADD_TEMP_ROOTS)
     }
 
     /// Registers `link` (a symlink to a store path, outside the store) as a GC root.

@@ -16,6 +16,10 @@ pub const STDERR_START_ACTIVITY: u64 = 0x5354_5254;
 pub const STDERR_STOP_ACTIVITY: u64 = 0x5354_4f50;
 pub const STDERR_RESULT: u64 = 0x5253_4c54;
 
+/// The feature a daemon offers when it serves AddTempRoots (op 49): a set of paths
+/// rooted in one request, answered with `1`.
+pub const FEATURE_ADD_TEMP_ROOTS: &str = "addTempRoots";
+
 /// A worker protocol version, `major.minor`, sent on the wire as `major << 8 | minor`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Version {

@@ -7,7 +7,8 @@
 //! computed, and decodes the add only if it must be uploaded); behind the caller, a
 //! task on the connection
 //!
-//! 1. roots the path for this connection (AddTempRoot, once per path);
+//! 1. roots the path for this connection (once per path: one AddTempRoots per batch
+//!    where the daemon offers it, one AddTempRoot per path otherwise);
 //! 2. asks, for a batch of paths, which are valid (QueryValidPaths);
 //! 3. uploads only the missing ones, in batches (AddMultipleToStore, which the daemon
 //!    accepts from untrusted clients for content-addressed paths; one AddToStore per
@@ -769,9 +770,13 @@ impl Task {
                 }
             }
         }
-        for path in &unrooted {
-            // A failure here is the connection's: the check behind it fails too.
-            let _ = self.client.add_temp_root(path).send().await;
+        // A failure here is the connection's: the check behind it fails too.
+        if unrooted.len() > 1 && self.client.has_add_temp_roots() {
+            let _ = self.client.add_temp_roots(&unrooted.into_iter().collect()).send().await;
+        } else {
+            for path in &unrooted {
+                let _ = self.client.add_temp_root(path).send().await;
+            }
         }
         let id = self.next_id;
         self.next_id += 1;
