@@ -299,6 +299,40 @@ impl Daemon {
         self.command_as(user, env, args).output().expect("run a command as the client user")
     }
 
+    /// Runs `args` (as root) with the programs of another Nix's root, `client`, as a
+    /// client of this daemon: the daemon's directory is bind-mounted at the same path
+    /// in that root for the run, so the socket and the store are where the client
+    /// looks for them.
+    pub fn run_from(&self, client: Nix, args: &[&str]) -> Output {
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = Command::new("umount").arg(&self.0).status();
+                let _ = std::fs::remove_dir(&self.0);
+            }
+        }
+        let other = nix_root(client);
+        let _unmount = (other != self.root).then(|| {
+            let host_dir = self.root.join(self.dir.trim_start_matches('/'));
+            let target = other.join(self.dir.trim_start_matches('/'));
+            std::fs::create_dir_all(&target).expect("create the mount point");
+            let mounted = Command::new("mount").arg("--bind").arg(&host_dir).arg(&target).status();
+            assert!(mounted.is_ok_and(|s| s.success()), "cannot bind-mount {} at {}", host_dir.display(), target.display());
+            Unmount(target)
+        });
+        Command::new("chroot")
+            .arg(&other)
+            .arg("/usr/bin/env")
+            .arg("-i")
+            .args(Self::env_of(&self.dir))
+            // Root could open the store directly (`auto` would); it must go through
+            // the daemon.
+            .arg("NIX_REMOTE=daemon")
+            .args(args)
+            .output()
+            .expect("run a client from the other root")
+    }
+
     /// Every path in `paths`, with its closure, is valid in the store (a
     /// `nix-store --check-validity` of the whole closure) and on disk.
     pub fn assert_closure_valid(&self, paths: &[String]) {

@@ -489,3 +489,82 @@ async fn the_forks_stdio_daemon_forwards_to_the_daemon() {
         assert!(status.success(), "{client}: nix-daemon --stdio ended with {status}");
     }
 }
+
+/// The fork's daemon serves AddTempRoots (op 49) and offers the feature `addTempRoots`
+/// to clients that offer it; the stock daemon offers nothing. Paths rooted in one
+/// request survive another connection's garbage collection; an unrooted one does not.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fork_daemon_roots_a_set_of_paths_in_one_request() {
+    use rust_store::types::{GcAction, GcOptions};
+    use std::collections::BTreeSet;
+    require_fork();
+    let stock = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    assert!(!stock.connect().await.has_add_temp_roots(), "the stock daemon offers addTempRoots");
+    let d = Daemon::start(Nix::Fork, Trust::Untrusted);
+    // Added on a connection that is then closed: nothing roots them any more.
+    let paths: Vec<StorePath> = {
+        let adder = d.connect().await;
+        let mut v = Vec::new();
+        for i in 0..4 {
+            let data = format!("root me {i}").into_bytes();
+            v.push(adder.add_text(&format!("roots-{i}"), data, &BTreeSet::new()).await.unwrap().path);
+        }
+        adder.flush().await.unwrap();
+        v
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let c = d.connect().await;
+    assert!(c.has_add_temp_roots());
+    let rooted: BTreeSet<StorePath> = paths[..3].iter().cloned().collect();
+    let before = c.stats().total_requests();
+    c.add_temp_roots(&rooted).await.unwrap();
+    assert_eq!(c.stats().total_requests(), before + 1);
+    let gc = d.connect().await;
+    let delete = |p: &StorePath| GcOptions {
+        action: GcAction::DeleteSpecific,
+        paths_to_delete: BTreeSet::from([p.clone()]),
+        ignore_liveness: false,
+        max_freed: u64::MAX,
+    };
+    for p in &rooted {
+        let e = gc.collect_garbage(&delete(p)).await.expect_err("deleted a rooted path");
+        assert!(e.to_string().contains("it is still alive"), "{e}");
+    }
+    gc.collect_garbage(&delete(&paths[3])).await.expect("the unrooted path is deleted");
+    for p in &rooted {
+        assert!(gc.is_valid_path(p).await.unwrap());
+    }
+    assert!(!gc.is_valid_path(&paths[3]).await.unwrap());
+    // An empty set is answered too.
+    c.add_temp_roots(&BTreeSet::new()).await.unwrap();
+}
+
+/// Stock clients of 2.8.0 (Debian bookworm's) and 2.26.3 get from the fork's daemon
+/// what they get from the stock one: the same .drv paths, with the same contents,
+/// all valid, and a store that verifies.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stock_clients_get_the_same_from_the_fork_daemon() {
+    require_fork();
+    let dir = format!("/tmp/nt-stock-clients-{}", std::process::id());
+    let run = |nix: Nix| {
+        let d = Daemon::start_in(nix, Trust::Untrusted, &dir);
+        let file = workload(&d);
+        let mut printed = Vec::new();
+        for (client, salt) in [(Nix::V2_8, "old"), (Nix::V2_26, "new")] {
+            let out = d.run_from(client, &["nix-instantiate", &file, "--arg", "n", "100", "--argstr", "salt", salt]);
+            let paths = ok(out, &format!("{client:?} client against {nix:?}"));
+            d.assert_closure_valid(&paths);
+            printed.push(paths);
+        }
+        let accepted = d.log().matches("accepted connection").count();
+        assert!(accepted >= 2, "the clients did not go through {nix:?}'s daemon:\n{}", d.log());
+        d.nix_ok(&["nix-store", "--verify", "--check-contents"]);
+        let contents: Vec<String> = printed.iter().flatten().map(|p| d.nix_ok(&["nix-store", "--query", "--hash", p])).collect();
+        (printed, contents)
+    };
+    let stock = run(Nix::V2_26);
+    let fork = run(Nix::Fork);
+    assert!(stock == fork, "stock clients got other paths or contents from the fork's daemon");
+}
