@@ -97,10 +97,16 @@ async fn fork_writes_what_stock_writes() {
 /// uploads only what the daemon lacks: next to no blocking waits; on a fresh store
 /// every path uploaded, in batches; on the second run none, all found valid.
 #[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
-#[tokio::test]
-async fn fork_pipelines_the_workload() {
+#[test]
+fn fork_pipelines_the_workload() {
     require_fork();
-    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    for nix in [Nix::V2_26, Nix::Fork] {
+        fork_pipelines_the_workload_against(nix);
+    }
+}
+
+fn fork_pipelines_the_workload_against(nix: Nix) {
+    let d = Daemon::start(nix, Trust::Untrusted);
     let file = workload(&d);
     let stats = stats_path(&d);
     let run = || {
@@ -127,6 +133,17 @@ async fn fork_pipelines_the_workload() {
     // Drains come before the lease or flush they are for, whose wait counts.
     assert!(count(&client, "waits") <= 2, "{client}");
     assert!(client["requestsByOp"].get("AddToStore").is_none(), "{client}");
+    // Each check's paths are rooted first: by one AddTempRoots where the daemon
+    // offers it (the fork's), one AddTempRoot each otherwise.
+    let ops = &client["requestsByOp"];
+    let op = |name: &str| ops.get(name).and_then(|v| v.as_u64()).unwrap_or(0);
+    if nix == Nix::Fork {
+        assert!(op("AddTempRoots") >= 1 && op("AddTempRoots") <= count(uploads, "checkBatches"), "{client}");
+        assert!(op("AddTempRoot") < 10, "{client}");
+    } else {
+        assert_eq!(op("AddTempRoots"), 0, "{client}");
+        assert!(op("AddTempRoot") >= paths, "{client}");
+    }
 
     let (second, client) = run();
     assert_eq!(first, second);
@@ -267,10 +284,18 @@ async fn fork_fails_cleanly_when_the_daemon_dies() {
 #[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn garbage_collection_during_evaluation_keeps_what_it_printed() {
+    require_fork();
+    // The fork's daemon roots a check's paths in one AddTempRoots, which goes to the
+    // running collector over its socket.
+    for nix in [Nix::V2_26, Nix::Fork] {
+        garbage_collection_during_evaluation_against(nix);
+    }
+}
+
+fn garbage_collection_during_evaluation_against(nix: Nix) {
     /// Runs before the test gives up on meeting the race.
     const MAX_RUNS: usize = 10;
-    require_fork();
-    let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
+    let d = Daemon::start(nix, Trust::Untrusted);
     let file = workload(&d);
     ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 500, "gc"), "stock");
     let root = d.inner_path(&format!("home-{}/result", client_user()));
@@ -307,7 +332,7 @@ fn garbage_collection_during_evaluation_keeps_what_it_printed() {
     let links = ok(out, "fork with --add-root");
     assert_eq!(links.len(), 1500);
     assert!(collections >= 2, "the collector ran only {collections} times");
-    eprintln!("{collections} collections; {races} runs met the collector's race before one succeeded");
+    eprintln!("{nix:?}: {collections} collections; {races} runs met the collector's race before one succeeded");
     // Once more, now that the evaluation's temporary roots are gone.
     d.nix_ok(&["nix-store", "--gc"]);
     let drvs: Vec<String> =
