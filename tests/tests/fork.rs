@@ -12,6 +12,14 @@ use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, client_user, require_fork};
 const WORKLOAD: &str = include_str!("../../bench/workload.nix");
 const SHARED_INPUT: &str = include_str!("../../bench/shared-input.txt");
 
+/// Runs `test` against a stock 2.26.3 daemon, then against the fork's.
+fn against_each_daemon(test: fn(Nix)) {
+    require_fork();
+    for nix in [Nix::V2_26, Nix::Fork] {
+        test(nix);
+    }
+}
+
 /// Puts the bundled workload in the daemon's directory; returns its path as Nix sees it.
 fn workload(d: &Daemon) -> String {
     let dir = d.host_path("work");
@@ -99,10 +107,7 @@ async fn fork_writes_what_stock_writes() {
 #[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn fork_pipelines_the_workload() {
-    require_fork();
-    for nix in [Nix::V2_26, Nix::Fork] {
-        fork_pipelines_the_workload_against(nix);
-    }
+    against_each_daemon(fork_pipelines_the_workload_against);
 }
 
 fn fork_pipelines_the_workload_against(nix: Nix) {
@@ -284,12 +289,9 @@ async fn fork_fails_cleanly_when_the_daemon_dies() {
 #[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn garbage_collection_during_evaluation_keeps_what_it_printed() {
-    require_fork();
     // The fork's daemon roots a check's paths in one AddTempRoots, which goes to the
     // running collector over its socket.
-    for nix in [Nix::V2_26, Nix::Fork] {
-        garbage_collection_during_evaluation_against(nix);
-    }
+    against_each_daemon(garbage_collection_during_evaluation_against);
 }
 
 fn garbage_collection_during_evaluation_against(nix: Nix) {
@@ -356,10 +358,7 @@ impl Drop for StopOnDrop<'_> {
 #[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
 #[test]
 fn eight_evaluations_at_once() {
-    require_fork();
-    for nix in [Nix::V2_26, Nix::Fork] {
-        eight_evaluations_at_once_against(nix);
-    }
+    against_each_daemon(eight_evaluations_at_once_against);
 }
 
 fn eight_evaluations_at_once_against(nix: Nix) {
