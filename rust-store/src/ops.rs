@@ -285,7 +285,7 @@ impl Client {
 
     /// Protects the paths from garbage collection while this connection is open, in one
     /// request. Only daemons that offer the feature `addTempRoots` serve it (see
-    /// [`Client::has_add_temp_roots`]); an empty set sends nothing.
+    /// [`Client::has_add_temp_roots`]); without it this fails before anything is sent.
     pub fn add_temp_roots(&self, paths: &BTreeSet<StorePath>) -> Call<'_, ()> {
         if !self.has_add_temp_roots() {
             return self.refuse(Error::Refused {

@@ -256,16 +256,7 @@ impl Daemon {
 
     /// Runs a Nix command inside the root as a client of this daemon.
     pub fn nix(&self, args: &[&str]) -> Output {
-        Command::new("chroot")
-            .arg(&self.root)
-            .arg("/usr/bin/env")
-            .arg("-i")
-            .args(Self::env_of(&self.dir))
-            .arg("NIX_REMOTE=daemon")
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run a nix command")
+        self.run_from(self.nix, args)
     }
 
     /// A command inside the root as `user`, a client of this daemon through the
@@ -299,10 +290,10 @@ impl Daemon {
         self.command_as(user, env, args).output().expect("run a command as the client user")
     }
 
-    /// Runs `args` (as root) with the programs of another Nix's root, `client`, as a
-    /// client of this daemon: the daemon's directory is bind-mounted at the same path
-    /// in that root for the run, so the socket and the store are where the client
-    /// looks for them.
+    /// Runs `args` (as root) with the programs of `client`'s root, as a client of this
+    /// daemon. When that is another root, the daemon's directory is bind-mounted at
+    /// the same path in it for the run, so the socket and the store are where the
+    /// client looks for them.
     pub fn run_from(&self, client: Nix, args: &[&str]) -> Output {
         struct Unmount(PathBuf);
         impl Drop for Unmount {
@@ -317,7 +308,12 @@ impl Daemon {
             let target = other.join(self.dir.trim_start_matches('/'));
             std::fs::create_dir_all(&target).expect("create the mount point");
             let mounted = Command::new("mount").arg("--bind").arg(&host_dir).arg(&target).status();
-            assert!(mounted.is_ok_and(|s| s.success()), "cannot bind-mount {} at {}", host_dir.display(), target.display());
+            assert!(
+                mounted.is_ok_and(|s| s.success()),
+                "cannot bind-mount {} at {}",
+                host_dir.display(),
+                target.display()
+            );
             Unmount(target)
         });
         Command::new("chroot")
@@ -329,8 +325,9 @@ impl Daemon {
             // the daemon.
             .arg("NIX_REMOTE=daemon")
             .args(args)
+            .stdin(Stdio::null())
             .output()
-            .expect("run a client from the other root")
+            .expect("run a nix command")
     }
 
     /// Every path in `paths`, with its closure, is valid in the store (a

@@ -585,7 +585,8 @@ async fn stock_clients_get_the_same_from_the_fork_daemon() {
         let accepted = d.log().matches("accepted connection").count();
         assert!(accepted >= 2, "the clients did not go through {nix:?}'s daemon:\n{}", d.log());
         d.nix_ok(&["nix-store", "--verify", "--check-contents"]);
-        let contents: Vec<String> = printed.iter().flatten().map(|p| d.nix_ok(&["nix-store", "--query", "--hash", p])).collect();
+        let contents: Vec<String> =
+            printed.iter().flatten().map(|p| d.nix_ok(&["nix-store", "--query", "--hash", p])).collect();
         (printed, contents)
     };
     let stock = run(Nix::V2_26);
