@@ -40,6 +40,7 @@ use rust_store::connection::Lease;
 use rust_store::handshake::DaemonInfo;
 use rust_store::logger::{Activity, Field, Logger};
 use rust_store::protocol::Version;
+use rust_store::transport::{LOCAL_DAEMON, Transport};
 use rust_store::types::TrustedFlag;
 use rust_store::uploads::{UploadOptions, Uploads};
 use rust_store::{Client, ConnectOptions, Error, StoreDir, StorePath};
@@ -93,13 +94,17 @@ mod ffi {
     extern "Rust" {
         type DaemonConnection;
 
-        /// Takes over a connection C++ has opened and handshaken: `fd` (duplicated;
-        /// the caller keeps its own) is its socket, between two requests.
+        /// Takes over a connection C++ has opened and handshaken, between two
+        /// requests: `read_fd` and `write_fd` (duplicated; the caller keeps its own)
+        /// are its socket, passed twice, or the pipes of the process it talks to
+        /// (`ssh`). `peer` names the other end in messages ("" for the local daemon).
         /// `store_dir` is the store directory paths are printed with;
         /// `max_pending_bytes` bounds the contents held for additions the daemon
         /// has not confirmed yet.
         fn adopt_daemon_connection(
-            fd: i32,
+            read_fd: i32,
+            write_fd: i32,
+            peer: &str,
             handshake: Handshake,
             store_dir: &str,
             max_pending_bytes: u64,
@@ -352,7 +357,9 @@ fn register(uploads: &Arc<Uploads>) {
 }
 
 fn adopt_daemon_connection(
-    fd: i32,
+    read_fd: i32,
+    write_fd: i32,
+    peer: &str,
     handshake: ffi::Handshake,
     store_dir: &str,
     max_pending_bytes: u64,
@@ -372,14 +379,17 @@ fn adopt_daemon_connection(
             },
             features: handshake.features.into_iter().collect(),
         };
-        let stream = dup_stream(fd).map_err(|e| format!("cannot take over the daemon connection: {e}"))?;
+        let peer = if peer.is_empty() { LOCAL_DAEMON.to_owned() } else { peer.to_owned() };
+        let dup = |fd| dup_fd(fd).map_err(|e| format!("cannot take over the connection to {peer}: {e}"));
+        let read = dup(read_fd)?;
+        let write = if write_fd == read_fd { None } else { Some(dup(write_fd)?) };
         // C++ has sent SetOptions itself, with Nix's settings.
         let options =
             ConnectOptions { store_dir, logger: Arc::new(CxxLogger), settings: None, ..ConnectOptions::default() };
         let upload_options = UploadOptions { max_pending_bytes, ..upload_tuning() };
         let uploads = wait(runtime, async move {
-            let stream = tokio::net::UnixStream::from_std(stream)?;
-            let client = Client::adopt(stream, info, options).await?;
+            let transport = Transport::from_fds(read, write, peer)?;
+            let client = Client::adopt(transport, info, options).await?;
             Ok::<_, Error>(Uploads::new(client, upload_options))
         })?
         .map_err(|e| e.to_string())?;
@@ -389,16 +399,14 @@ fn adopt_daemon_connection(
     })?
 }
 
-/// A socket of our own on the same connection as `fd`, non-blocking for tokio.
-fn dup_stream(fd: RawFd) -> std::io::Result<std::os::unix::net::UnixStream> {
+/// A descriptor of our own for the same socket or pipe as `fd`.
+fn dup_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: F_DUPFD_CLOEXEC makes a new descriptor, which we then own.
     let new = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 0) };
     if new == -1 {
         return Err(std::io::Error::last_os_error());
     }
-    let stream = std::os::unix::net::UnixStream::from(unsafe { OwnedFd::from_raw_fd(new) });
-    stream.set_nonblocking(true)?;
-    Ok(stream)
+    Ok(unsafe { OwnedFd::from_raw_fd(new) })
 }
 
 /// Batch sizes of uploads: the measured defaults, unless the environment sets

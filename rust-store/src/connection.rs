@@ -33,7 +33,6 @@
 //! carrying that cause.
 
 use std::future::{Future, IntoFuture};
-use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -42,9 +41,10 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
+use tokio::io::AsyncWrite;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedWriteHalf;
+use tokio::process::Child;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{Instrument, debug, debug_span, trace};
 
@@ -56,6 +56,7 @@ use crate::protocol::{Op, Version};
 use crate::stats::{Counted, Stats, StatsSnapshot};
 use crate::stderr::{DaemonMessage, Outcome, read_envelope};
 use crate::store_path::StoreDir;
+use crate::transport::{Fds, Transport};
 use crate::types::ClientSettings;
 
 /// Size of the frames an upload is cut into.
@@ -116,8 +117,10 @@ struct Shared {
     cause: OnceLock<Arc<Error>>,
     /// Tells both tasks to stop once `cause` is set.
     dead: watch::Sender<bool>,
-    /// The socket, for [`Lease`]s.
-    fd: RawFd,
+    /// The descriptors, for [`Lease`]s.
+    fds: Fds,
+    /// What is at the other end, for messages.
+    peer: Arc<str>,
 }
 
 impl Shared {
@@ -130,8 +133,8 @@ impl Shared {
 
     fn disconnected(&self) -> Error {
         match self.cause.get() {
-            Some(c) => Error::Disconnected(c.clone()),
-            None => Error::Disconnected(Arc::new(Error::Eof)),
+            Some(c) => Error::Disconnected { peer: self.peer.clone(), cause: c.clone() },
+            None => Error::Disconnected { peer: self.peer.clone(), cause: Arc::new(Error::Eof) },
         }
     }
 
@@ -228,20 +231,21 @@ enum Slot {
     },
 }
 
-/// The connection's socket, handed to a caller that speaks the protocol on it
-/// itself, between this client's requests: see [`Client::lease`]. The socket is in
-/// blocking mode while leased. Dropping the lease gives the socket back;
-/// [`Lease::abandon`] gives it back out of step.
+/// The connection's socket (or pipes), handed to a caller that speaks the protocol
+/// on it itself, between this client's requests: see [`Client::lease`]. The
+/// descriptors are in blocking mode while leased. Dropping the lease gives them back;
+/// [`Lease::abandon`] gives them back out of step.
 pub struct Lease {
-    fd: RawFd,
+    fds: Fds,
     release: Option<oneshot::Sender<bool>>,
 }
 
 impl Lease {
-    /// The socket. Read and write it only while the lease lives, and leave it
-    /// between two messages: every request answered, nothing unread.
-    pub fn fd(&self) -> RawFd {
-        self.fd
+    /// The descriptors to read replies from and write requests to: one socket, or
+    /// two pipes. Use them only while the lease lives, and leave them between two
+    /// messages: every request answered, nothing unread.
+    pub fn fds(&self) -> Fds {
+        self.fds
     }
 
     /// Gives the socket back having left it in the middle of a message (an
@@ -261,8 +265,16 @@ impl Drop for Lease {
     }
 }
 
-/// Switches a socket between blocking (leased) and non-blocking (ours) mode.
-fn set_blocking(fd: RawFd, blocking: bool) -> std::io::Result<()> {
+/// Switches the descriptors between blocking (leased) and non-blocking (ours) mode.
+fn set_blocking(fds: Fds, blocking: bool) -> std::io::Result<()> {
+    set_fd_blocking(fds.read, blocking)?;
+    if fds.write != fds.read {
+        set_fd_blocking(fds.write, blocking)?;
+    }
+    Ok(())
+}
+
+fn set_fd_blocking(fd: std::os::fd::RawFd, blocking: bool) -> std::io::Result<()> {
     // SAFETY: fcntl on a descriptor this connection owns; no memory is passed.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
     if flags == -1 {
@@ -356,7 +368,7 @@ impl<T: Send + 'static> Reply for Typed<T> {
             Delivery::Deferred(shared) => {
                 if let Err(e) = result {
                     // A broken connection is reported to every later call anyway.
-                    if !matches!(e, Error::Disconnected(_)) {
+                    if !matches!(e, Error::Disconnected { .. }) {
                         shared.defer(e);
                     }
                 }
@@ -386,23 +398,34 @@ impl Client {
     /// Runs the handshake on an open stream and starts the connection's tasks on the
     /// current tokio runtime.
     pub async fn from_stream(stream: UnixStream, options: ConnectOptions) -> Result<Client> {
-        Client::start(stream, None, options).await
+        Client::start(Transport::unix(stream), None, options).await
+    }
+
+    /// Runs the handshake over a transport (a socket, or a process's pipes: see
+    /// [`Transport`]) and starts the connection's tasks on the current tokio runtime.
+    pub async fn over(transport: Transport, options: ConnectOptions) -> Result<Client> {
+        let peer = transport.peer.clone();
+        Client::start(transport, None, options).await.map_err(|e| match e {
+            // A process that exits before it has greeted us: ssh refused, or no
+            // daemon at the other end.
+            Error::Eof | Error::Io(_) => Error::Handshake { peer, cause: Box::new(e) },
+            e => e,
+        })
     }
 
     /// Takes over a connection whose handshake someone else has done (Nix's C++,
-    /// which then leases the socket for its own requests): `info` is what that
+    /// which then leases the descriptors for its own requests): `info` is what that
     /// handshake learnt. Starts the connection's tasks on the current tokio runtime
     /// and sends `options.settings`, if any.
-    pub async fn adopt(stream: UnixStream, info: DaemonInfo, options: ConnectOptions) -> Result<Client> {
-        Client::start(stream, Some(info), options).await
+    pub async fn adopt(transport: Transport, info: DaemonInfo, options: ConnectOptions) -> Result<Client> {
+        Client::start(transport, Some(info), options).await
     }
 
-    async fn start(stream: UnixStream, info: Option<DaemonInfo>, options: ConnectOptions) -> Result<Client> {
+    async fn start(transport: Transport, info: Option<DaemonInfo>, options: ConnectOptions) -> Result<Client> {
         let stats = Arc::new(Stats::default());
-        let fd = stream.as_raw_fd();
-        let (read_half, write_half) = stream.into_split();
-        let source = BufReader::with_capacity(BUFFER_SIZE, Counted::new(read_half, stats.clone()));
-        let mut sink = BufWriter::with_capacity(BUFFER_SIZE, Counted::new(write_half, stats.clone()));
+        let Transport { read, write, fds, peer, child } = transport;
+        let source = BufReader::with_capacity(BUFFER_SIZE, Counted::new(read, stats.clone()));
+        let mut sink: Sink = BufWriter::with_capacity(BUFFER_SIZE, Counted::new(write, stats.clone()));
         let ctx = Ctx { version: options.max_version, store_dir: options.store_dir.clone() };
         let mut decoder = Decoder::new(Box::new(source), ctx);
 
@@ -416,14 +439,23 @@ impl Client {
         debug!(version = %info.version, nix = ?info.nix_version, trusted = ?info.trusted, "connected to the Nix daemon");
 
         let (dead, dead_rx) = watch::channel(false);
-        let shared = Arc::new(Shared { stats, deferred: Mutex::new(None), cause: OnceLock::new(), dead, fd });
+        let shared = Arc::new(Shared {
+            stats,
+            deferred: Mutex::new(None),
+            cause: OnceLock::new(),
+            dead,
+            fds,
+            peer: peer.into(),
+        });
         let in_flight = options.max_in_flight.max(1);
         let (requests, requests_rx) = mpsc::channel(in_flight);
         let (slots, slots_rx) = mpsc::channel(in_flight);
 
         let span = debug_span!("nix_daemon_connection", version = %info.version);
         tokio::spawn(writer(requests_rx, sink, slots, shared.clone(), dead_rx.clone()).instrument(span.clone()));
-        tokio::spawn(reader(decoder, slots_rx, options.logger.clone(), shared.clone(), dead_rx).instrument(span));
+        tokio::spawn(
+            reader(decoder, slots_rx, options.logger.clone(), shared.clone(), dead_rx, child).instrument(span),
+        );
 
         let client = Client {
             inner: Arc::new(Inner {
@@ -589,7 +621,7 @@ pub struct FailureSink(Arc<Shared>);
 impl FailureSink {
     pub fn defer(&self, e: Error) {
         // A broken connection is reported to every later call anyway.
-        if !matches!(e, Error::Disconnected(_)) {
+        if !matches!(e, Error::Disconnected { .. }) {
             self.0.defer(e);
         }
     }
@@ -752,9 +784,12 @@ impl<'c, T: Send + 'static> IntoFuture for Call<'c, T> {
 // ---------------------------------------------------------------------------------
 // The writer task
 
+/// What the writer writes to.
+type Sink = BufWriter<Counted<Box<dyn AsyncWrite + Send + Unpin>>>;
+
 async fn writer(
     mut requests: mpsc::Receiver<Message>,
-    mut sink: BufWriter<Counted<OwnedWriteHalf>>,
+    mut sink: Sink,
     slots: mpsc::Sender<Slot>,
     shared: Arc<Shared>,
     mut dead: watch::Receiver<bool>,
@@ -803,11 +838,7 @@ async fn writer(
     // Dropping `requests` fails later submissions; dropping `slots` lets the reader end.
 }
 
-async fn write_message(
-    msg: Message,
-    sink: &mut BufWriter<Counted<OwnedWriteHalf>>,
-    slots: &mpsc::Sender<Slot>,
-) -> Result<()> {
+async fn write_message(msg: Message, sink: &mut Sink, slots: &mpsc::Sender<Slot>) -> Result<()> {
     let (request, slot) = match msg {
         Message::Barrier(tx) => (None, Slot::Barrier(tx)),
         Message::Lease(_) => unreachable!("the writer hands leases over itself"),
@@ -868,7 +899,10 @@ async fn reader(
     logger: Arc<dyn Logger>,
     shared: Arc<Shared>,
     mut dead: watch::Receiver<bool>,
+    child: Option<Child>,
 ) {
+    // The process at the other end, if we started it, lives as long as this task.
+    let _child = child;
     // The error that answered the previous request, if it failed. An error that
     // cannot be answered in order (thrown while the daemon was still reading the
     // request: a store path it cannot parse, an unknown op, a refused privilege) is
@@ -883,7 +917,7 @@ async fn reader(
                     let _ = tx.send(Ok(()));
                     continue;
                 }
-                Slot::Lease { grant, resume } => match lend(shared.fd, grant).await {
+                Slot::Lease { grant, resume } => match lend(shared.fds, grant).await {
                     Ok(()) => {
                         let _ = resume.send(());
                         continue;
@@ -926,7 +960,7 @@ async fn reader(
                 Err(e) => e,
             };
             let cause = shared.kill(fatal);
-            reply.complete(Err(Error::Disconnected(cause)));
+            reply.complete(Err(Error::Disconnected { peer: shared.peer.clone(), cause }));
             return;
         }
         // The writer has stopped and every reply has been read: the connection is done.
@@ -952,13 +986,13 @@ async fn reader(
 /// Hands the socket to a lease's holder and waits until it is given back. Every
 /// earlier reply has been read, and the daemon sends nothing unasked, so nothing of
 /// the holder's is in our buffers, nor will anything of ours be in theirs.
-async fn lend(fd: RawFd, grant: oneshot::Sender<Result<Lease>>) -> Result<()> {
-    set_blocking(fd, true)?;
+async fn lend(fds: Fds, grant: oneshot::Sender<Result<Lease>>) -> Result<()> {
+    set_blocking(fds, true)?;
     let (release, released) = oneshot::channel();
     // If the caller has gone, the lease it would have had is dropped here, which
     // gives the socket back at once.
-    let _ = grant.send(Ok(Lease { fd, release: Some(release) }));
+    let _ = grant.send(Ok(Lease { fds, release: Some(release) }));
     let in_step = released.await.unwrap_or(true);
-    set_blocking(fd, false)?;
+    set_blocking(fds, false)?;
     if in_step { Ok(()) } else { Err(Error::Abandoned) }
 }

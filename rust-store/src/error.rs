@@ -22,8 +22,15 @@ pub enum Error {
     Deferred { first: Box<Error>, more: usize },
 
     /// The connection is gone; every request still pending on it fails with the cause.
-    #[error("lost the connection to the Nix daemon: {0}")]
-    Disconnected(Arc<Error>),
+    /// `peer` names the other end: "the Nix daemon", or a remote store's URI.
+    #[error("lost the connection to {peer}: {cause}")]
+    Disconnected { peer: Arc<str>, cause: Arc<Error> },
+
+    /// A connection through a process (`ssh`, `nix-daemon --stdio`) ended before the
+    /// handshake: the process failed to start it (its own message is on standard
+    /// error).
+    #[error("cannot open a connection to {peer}: {cause}")]
+    Handshake { peer: String, cause: Box<Error> },
 
     /// The daemon's reply could not be parsed. The connection cannot be resynchronised.
     #[error("malformed data from the Nix daemon: {0}")]
@@ -99,7 +106,8 @@ impl Error {
     /// Whether the connection this error came from is unusable.
     pub fn is_disconnect(&self) -> bool {
         match self {
-            Error::Disconnected(_)
+            Error::Disconnected { .. }
+            | Error::Handshake { .. }
             | Error::Eof
             | Error::ClosedAfter(_)
             | Error::Closed

@@ -11,6 +11,7 @@
 //! - [`protocol`]: the protocol's constants: version, op codes, magic numbers.
 //! - [`codec`]: the wire encoding (integers, padded strings, collections, frames).
 //! - [`types`]: the protocol's value types (path infos, build results, …) and their encoding.
+//! - [`transport`]: what a connection runs over: a Unix socket, or a process's pipes.
 //! - [`handshake`]: version negotiation, features, trust, and the daemon's greeting.
 //! - [`connection`]: the pipelining engine: the writer and reader tasks and the reply queue.
 //! - [`ops`]: one method per worker-protocol operation.
@@ -33,6 +34,7 @@ pub mod protocol;
 pub mod stats;
 mod stderr;
 pub mod store_path;
+pub mod transport;
 pub mod types;
 pub mod uploads;
 

@@ -254,6 +254,20 @@ impl Daemon {
         }
     }
 
+    /// `nix-daemon --stdio` in the root, serving this daemon's store on its standard
+    /// input and output (by forwarding to the daemon's socket, as behind `ssh`), for
+    /// [`rust_store::transport::Transport::spawn`].
+    pub fn stdio_command(&self) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new("chroot");
+        cmd.arg(&self.root)
+            .arg("/usr/bin/env")
+            .arg("-i")
+            .args(Self::env_of(&self.dir))
+            .arg(format!("NIX_REMOTE=unix://{}/socket", self.dir))
+            .args([self.nix.daemon_program().as_str(), "--stdio"]);
+        cmd
+    }
+
     /// Runs a Nix command inside the root as a client of this daemon.
     pub fn nix(&self, args: &[&str]) -> Output {
         self.run_from(self.nix, args)
@@ -414,7 +428,8 @@ pub fn children_of(parent: u32) -> Vec<u32> {
     out
 }
 
-fn kill(pid: u32) {
+/// Sends SIGKILL to `pid`.
+pub fn kill(pid: u32) {
     signal(pid, "-KILL");
 }
 

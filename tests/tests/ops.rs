@@ -536,7 +536,7 @@ async fn a_lease_lends_the_socket_between_requests() {
 
     // IsValidPath, by hand, on the blocking socket.
     let path = c.store_dir().print(&hello.path);
-    let fd = lease.fd();
+    let fd = lease.fds().read;
     let reply = tokio::task::spawn_blocking(move || {
         let fd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
         let mut sock = std::fs::File::from(fd);
