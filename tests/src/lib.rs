@@ -15,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use rust_store::{Client, ConnectOptions, StoreDir};
 
+pub mod ssh;
+
 /// Which Nix the daemon runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Nix {

@@ -1,0 +1,195 @@
+//! `ssh-ng://` through a real OpenSSH server (in the trixie root, on 127.0.0.1) in front
+//! of a real daemon: rust-store over `ssh`'s pipes, and the fork's `ssh-ng://` store
+//! with each client.
+
+use std::collections::BTreeSet;
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use rust_store::Client;
+use rust_store::transport::Transport;
+use store_tests::ssh::{Relay, Sshd};
+use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, require_fork};
+
+const WORKLOAD: &str = include_str!("../../bench/workload.nix");
+const SHARED_INPUT: &str = include_str!("../../bench/shared-input.txt");
+const HOST: &str = "ssh-ng://root@127.0.0.1";
+
+async fn connect(d: &Daemon, sshd: &Sshd, port: u16) -> (Client, u32) {
+    let transport = Transport::spawn(sshd.ssh_command(port), HOST).expect("start ssh");
+    let pid = transport.pid().unwrap();
+    match Client::over(transport, d.options()).await {
+        Ok(c) => (c, pid),
+        Err(e) => panic!("handshake over ssh: {e}\nsshd log:\n{}\ndaemon log:\n{}", sshd.log(), d.log()),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rust_store_pipelines_over_ssh() {
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(10));
+    let (c, _) = connect(&d, &sshd, relay.port).await;
+    let before = relay.turns();
+    let started = Instant::now();
+    let mut calls = Vec::new();
+    for i in 0..500 {
+        calls.push(
+            c.add_text(&format!("s{i}"), format!("over ssh {i}").into_bytes(), &BTreeSet::new()).start().await.unwrap(),
+        );
+    }
+    let mut paths = BTreeSet::new();
+    for call in calls {
+        paths.insert(call.await.unwrap().path);
+    }
+    assert_eq!(c.query_valid_paths(&paths, false).await.unwrap(), paths);
+    let turns = relay.turns() - before;
+    println!("500 additions and a check at 10 ms: {:?}, {turns} turns", started.elapsed());
+    // Pipelined: far fewer turns than requests (ssh's own window updates are turns too).
+    assert!(turns < 100, "{turns} turns for 501 requests");
+    let out = d.nix_ok(&["nix-store", "--check-validity", &d.store_dir.print(paths.iter().next().unwrap())]);
+    assert!(out.is_empty());
+}
+
+/// Killing `ssh` fails every pending request within a second, naming the host.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_ssh_fails_pending_requests_naming_the_host() {
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let (c, ssh) = connect(&d, &sshd, sshd.port).await;
+    c.add_text("before", b"before".to_vec(), &BTreeSet::new()).await.unwrap();
+    d.stop_workers();
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        calls.push(
+            c.add_text(&format!("k{i}"), format!("kill {i}").into_bytes(), &BTreeSet::new()).start().await.unwrap(),
+        );
+    }
+    let killed = Instant::now();
+    store_tests::kill(ssh);
+    for call in calls {
+        let e = tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .expect("request still pending a second after ssh was killed")
+            .expect_err("answered without ssh");
+        assert!(e.is_disconnect() && e.to_string().contains(HOST), "{e}");
+    }
+    println!("300 pending requests failed {:?} after ssh was killed", killed.elapsed());
+}
+
+/// A refused key fails the connection naming the host, at once.
+#[tokio::test]
+async fn a_refused_login_names_the_host() {
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    std::fs::write(d.host_path("ssh/authorized_keys"), "").unwrap();
+    let transport = Transport::spawn(sshd.ssh_command(sshd.port), HOST).unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(20), Client::over(transport, d.options()))
+        .await
+        .expect("hung on a refused login")
+        .err()
+        .expect("logged in without a key");
+    assert!(e.to_string().contains(HOST), "{e}");
+}
+
+fn workload(d: &Daemon) -> String {
+    let dir = d.host_path("work");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("workload.nix"), WORKLOAD).unwrap();
+    std::fs::write(dir.join("shared-input.txt"), SHARED_INPUT).unwrap();
+    d.inner_path("work/workload.nix")
+}
+
+fn instantiate(d: &Daemon, sshd: &Sshd, port: u16, program: &str, client: &str, n: usize, salt: &str) -> Output {
+    let file = workload(d);
+    sshd.client_command(
+        d,
+        port,
+        &[("NIX_DAEMON_CLIENT", client)],
+        &[program, "--store", &sshd.store_uri(), &file, "--arg", "n", &n.to_string(), "--argstr", "salt", salt],
+    )
+    .output()
+    .unwrap()
+}
+
+fn ok(out: Output, what: &str) -> Vec<String> {
+    assert!(out.status.success(), "{what} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap().lines().map(str::to_owned).collect()
+}
+
+/// `nix-instantiate --store ssh-ng://…`: the fork's Rust client writes what its C++
+/// client and Debian's nix-bin write, with far fewer turns.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn the_fork_evaluates_over_ssh_ng_with_each_client() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(2));
+    let fork = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let mut results = Vec::new();
+    for (program, client, salt) in
+        [("/usr/bin/nix-instantiate", "cxx", "a"), (&*fork, "cxx", "b"), (&*fork, "rust", "c"), (&*fork, "rust", "a")]
+    {
+        let before = relay.turns();
+        let paths = ok(instantiate(&d, &sshd, relay.port, program, client, 200, salt), program);
+        let turns = relay.turns() - before;
+        println!("{program} ({client}), salt {salt}: {} paths, {turns} turns", paths.len());
+        d.assert_closure_valid(&paths);
+        results.push((salt, paths, turns));
+    }
+    // The same salt gives the same paths, whoever wrote them.
+    assert_eq!(results[0].1, results[3].1);
+    // Two turns per derivation and more for the C++ clients; few for the Rust client.
+    assert!(results[2].2 * 10 < results[1].2, "rust {} vs cxx {} turns", results[2].2, results[1].2);
+}
+
+/// Killing `ssh` mid-evaluation ends the evaluation with an error naming the host.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn killing_ssh_mid_evaluation_fails_naming_the_host() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let file = workload(&d);
+    // Stopped workers leave every request pending.
+    let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let child = sshd
+        .client_command(
+            &d,
+            sshd.port,
+            &[("NIX_DAEMON_CLIENT", "rust")],
+            &[&program, "--store", &sshd.store_uri(), &file, "--arg", "n", "3000", "--argstr", "salt", "kill"],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait for the evaluation to be under way: its first additions are in the store.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ssh = loop {
+        assert!(Instant::now() < deadline, "the evaluation did not start");
+        let ssh = store_tests::children_of(child.id())
+            .into_iter()
+            .flat_map(|p| std::iter::once(p).chain(store_tests::children_of(p)))
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ssh"));
+        if let Some(ssh) = ssh
+            && !d.workers().is_empty()
+        {
+            break ssh;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    d.stop_workers();
+    std::thread::sleep(Duration::from_millis(200));
+    let killed = Instant::now();
+    store_tests::kill(ssh);
+    let out = child.wait_with_output().unwrap();
+    let elapsed = killed.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("the evaluation ended {elapsed:?} after ssh was killed: {stderr}");
+    assert!(!out.status.success());
+    assert!(stderr.contains("127.0.0.1"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
