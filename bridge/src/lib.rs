@@ -41,7 +41,7 @@ use rust_store::handshake::DaemonInfo;
 use rust_store::logger::{Activity, Field, Logger};
 use rust_store::protocol::Version;
 use rust_store::transport::{LOCAL_DAEMON, Transport};
-use rust_store::types::TrustedFlag;
+use rust_store::types::{TrustedFlag, UnkeyedValidPathInfo};
 use rust_store::uploads::{UploadOptions, Uploads};
 use rust_store::{Client, ConnectOptions, Error, StoreDir, StorePath};
 use tokio::runtime::Runtime;
@@ -162,6 +162,14 @@ mod ffi {
         /// for any other path.
         fn sync_path(self: &DaemonConnection, base_name: &str) -> Outcome;
 
+        /// Asks for the info of the store path `path` (printed in full) without
+        /// waiting. `query_path_info_done(token, …)` gets the reply, later and on
+        /// the bridge's completion thread, never on the caller's: the result as the
+        /// protocol encodes it (a validity flag, then the path's info, in the
+        /// negotiated version), or the failure. Fails at once only for a malformed
+        /// path, and then never calls back.
+        fn query_path_info(self: &DaemonConnection, path: &str, token: usize) -> Outcome;
+
         /// The connection's counters, as a JSON object.
         fn stats_json(self: &DaemonConnection) -> String;
 
@@ -176,6 +184,9 @@ mod ffi {
         fn start_activity(id: u64, level: u64, activity_type: u64, text: &str, fields: &[LogField], parent: u64);
         fn stop_activity(id: u64);
         fn activity_result(id: u64, result_type: u64, fields: &[LogField]);
+
+        /// The reply to `query_path_info`.
+        fn query_path_info_done(token: usize, outcome: Outcome);
     }
 }
 
@@ -307,6 +318,35 @@ impl Logger for CxxLogger {
     fn result(&self, id: u64, result_type: u64, fields: Vec<Field>) {
         ffi::activity_result(id, result_type, &log_fields(&fields));
     }
+}
+
+/// Runs `f`, a call into C++ for a reply, on the completion thread: one thread for
+/// every connection, which runs them in the order the replies came. Never on the
+/// connection's reader, which must go on reading while C++ works (and C++ may send
+/// more requests from the callback), nor on the runtime. As with Nix's own
+/// callbacks (a binary cache's, on its download thread), C++ must not wait in it
+/// for another reply.
+fn complete(f: impl FnOnce() + Send + 'static) {
+    type Job = Box<dyn FnOnce() + Send>;
+    static COMPLETIONS: OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+    let tx = COMPLETIONS.get_or_init(|| {
+        let (tx, rx) = std::sync::mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("nix-daemon-client-completions".into())
+            // C++ may recurse in a callback (a closure walk over paths it knows
+            // already), as deep as on Nix's main thread.
+            .stack_size(64 << 20)
+            .spawn(move || {
+                for job in rx {
+                    // C++ catches its own exceptions; nothing here can unwind, but a
+                    // panic must not end the thread that every reply goes through.
+                    let _ = catch_unwind(AssertUnwindSafe(job));
+                }
+            })
+            .expect("start the completion thread");
+        Mutex::new(tx)
+    });
+    let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(Box::new(f));
 }
 
 /// The pipelined client on a connection of the C++ store's, and the uploads on it.
@@ -533,6 +573,38 @@ impl DaemonConnection {
                 uploads.wait_for(&hash).await?;
                 if uploads.client().has_unreported_failure() { uploads.client().flush().await } else { Ok(()) }
             }))
+        })
+    }
+
+    fn query_path_info(&self, path: &str, token: usize) -> Outcome {
+        outcome("query_path_info", || {
+            let client = self.uploads.client().clone();
+            let path = match client.store_dir().parse(path) {
+                Ok(p) => p,
+                Err(e) => return failed_msg(&e.to_string()),
+            };
+            let ctx = Ctx { version: client.version(), store_dir: client.store_dir().clone() };
+            let reply = move |r: Result<Option<UnkeyedValidPathInfo>, Error>| {
+                let outcome = match r {
+                    Ok(info) => {
+                        let mut data = Vec::new();
+                        let mut e = Encoder::new(&mut data, &ctx);
+                        match info {
+                            Some(info) => e.u64(1).put(&info),
+                            None => e.u64(0),
+                        };
+                        ok(data)
+                    }
+                    Err(e) => failed(&e),
+                };
+                complete(move || ffi::query_path_info_done(token, outcome));
+            };
+            // The handler is called whatever happens, so the caller always hears back.
+            let _ = self.wait(async move {
+                client.query_path_info(&path).send_then(reply).await;
+                Ok(())
+            });
+            ok(Vec::new())
         })
     }
 

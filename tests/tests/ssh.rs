@@ -193,3 +193,66 @@ fn killing_ssh_mid_evaluation_fails_naming_the_host() {
     assert!(stderr.contains("127.0.0.1"), "{stderr}");
     assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
 }
+
+/// A closure of `groups` × 50 leaves under groups under a top path, added directly;
+/// returns the top path, printed.
+async fn closure(d: &Daemon, groups: usize) -> String {
+    let c = d.connect().await;
+    let mut tops = BTreeSet::new();
+    for g in 0..groups {
+        let mut leaves = BTreeSet::new();
+        for j in 0..50 {
+            leaves.insert(
+                c.add_text(&format!("leaf-{g}-{j}"), format!("leaf {g} {j}").into_bytes(), &BTreeSet::new())
+                    .await
+                    .unwrap()
+                    .path,
+            );
+        }
+        let text: Vec<String> = leaves.iter().map(|p| d.store_dir.print(p)).collect();
+        tops.insert(c.add_text(&format!("group-{g}"), text.join("\n").into_bytes(), &leaves).await.unwrap().path);
+    }
+    let text: Vec<String> = tops.iter().map(|p| d.store_dir.print(p)).collect();
+    d.store_dir.print(&c.add_text("top", text.join("\n").into_bytes(), &tops).await.unwrap().path)
+}
+
+/// `nix path-info -r --store ssh-ng://…` of a closure: the Rust client asks for the
+/// paths' infos without waiting for each, level by level, and prints what nix-bin
+/// prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+async fn the_fork_queries_a_closure_over_ssh_ng_level_by_level() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let top = closure(&d, 10).await;
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(10));
+    let fork = format!("{FORK_PREFIX}/bin/nix");
+    let mut outputs = Vec::new();
+    for (program, client) in [("/usr/bin/nix", "cxx"), (&*fork, "rust")] {
+        let started = Instant::now();
+        let out = sshd
+            .client_command(
+                &d,
+                relay.port,
+                &[("NIX_DAEMON_CLIENT", client)],
+                &[
+                    program,
+                    "--extra-experimental-features",
+                    "nix-command",
+                    "path-info",
+                    "-r",
+                    "--store",
+                    &sshd.store_uri(),
+                    &top,
+                ],
+            )
+            .output()
+            .unwrap();
+        let paths = ok(out, program);
+        println!("{program} ({client}): {} paths in {:?}", paths.len(), started.elapsed());
+        outputs.push((paths, started.elapsed()));
+    }
+    assert_eq!(outputs[0].0.len(), 511);
+    assert_eq!(outputs[0].0, outputs[1].0);
+}

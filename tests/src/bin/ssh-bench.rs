@@ -1,0 +1,236 @@
+//! Nix's clients over `ssh-ng://`, side by side, through a real OpenSSH server in front
+//! of a stock 2.26.3 daemon, at each round-trip time a relay adds:
+//!
+//! - `nix-instantiate --store ssh-ng://…` of the bundled workload, every path new and
+//!   every path valid, against the same evaluation through the daemon's socket;
+//! - `nix copy --to ssh-ng://…` of a closure of small paths from a local store;
+//! - `nix path-info -r --store ssh-ng://…` of that closure.
+//!
+//! Clients: Debian's nix-bin 2.26.3, the fork with its C++ client
+//! (`NIX_DAEMON_CLIENT=cxx`, Nix's own `SSHStore`) and with its Rust client. For
+//! each: the median wall time, the speed-up over nix-bin, and the client's turns per
+//! path (the times it sent again after the server had answered, counted by the relay:
+//! a client that waits for every reply turns once per request).
+//!
+//!     cargo run --release -p store-tests --bin ssh-bench -- [--n N] [--rounds R]
+//!         [--rtt MS[,MS…]] [--paths P]
+
+use std::process::Output;
+use std::time::{Duration, Instant};
+
+use store_tests::ssh::{Relay, Sshd};
+use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, require_fork};
+
+const WORKLOAD: &str = include_str!("../../../bench/workload.nix");
+const SHARED_INPUT: &str = include_str!("../../../bench/shared-input.txt");
+
+struct Args {
+    n: usize,
+    rounds: usize,
+    rtts: Vec<u64>,
+    paths: usize,
+}
+
+fn args() -> Args {
+    let mut a = Args { n: 500, rounds: 3, rtts: vec![2, 10], paths: 3000 };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--n" => a.n = value().parse().expect("--n N"),
+            "--rounds" => a.rounds = value().parse().expect("--rounds R"),
+            "--rtt" => a.rtts = value().split(',').map(|s| s.parse().expect("--rtt MS[,MS…]")).collect(),
+            "--paths" => a.paths = value().parse().expect("--paths P"),
+            other => panic!("unknown argument {other}; see the source's header"),
+        }
+    }
+    a
+}
+
+/// One of the clients compared.
+#[derive(Clone, Copy)]
+struct ClientKind {
+    label: &'static str,
+    bin: &'static str,
+    daemon_client: &'static str,
+}
+
+fn clients() -> [ClientKind; 3] {
+    [
+        ClientKind { label: "nix-bin 2.26.3", bin: "/usr/bin", daemon_client: "cxx" },
+        ClientKind { label: "fork, C++ client", bin: "FORK", daemon_client: "cxx" },
+        ClientKind { label: "fork, Rust client", bin: "FORK", daemon_client: "rust" },
+    ]
+}
+
+impl ClientKind {
+    fn program(&self, name: &str) -> String {
+        match self.bin {
+            "FORK" => format!("{FORK_PREFIX}/bin/{name}"),
+            dir => format!("{dir}/{name}"),
+        }
+    }
+}
+
+fn check(out: Output, what: &str) -> Output {
+    assert!(
+        out.status.success(),
+        "{what} failed: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    out
+}
+
+fn median(mut v: Vec<Duration>) -> Duration {
+    v.sort();
+    v[v.len() / 2]
+}
+
+/// A row: the label, the median time, turns, and how many paths it concerned.
+struct Row {
+    label: String,
+    time: Duration,
+    turns: u64,
+    paths: usize,
+}
+
+fn print_table(title: &str, rows: &[Row]) {
+    println!("\n{title}");
+    println!("  {:<34} {:>9} {:>11} {:>11}", "client", "median", "vs nix-bin", "turns/path");
+    let base = rows.first().map(|r| r.time).unwrap_or_default();
+    for r in rows {
+        println!(
+            "  {:<34} {:>8.2}s {:>10.2}x {:>11.3}",
+            r.label,
+            r.time.as_secs_f64(),
+            base.as_secs_f64() / r.time.as_secs_f64(),
+            r.turns as f64 / r.paths.max(1) as f64
+        );
+    }
+}
+
+/// Times `run` `rounds` times; turns are the relay's over the last round.
+fn measure(relay: Option<&Relay>, rounds: usize, mut run: impl FnMut(usize) -> Output) -> (Duration, u64) {
+    let mut times = Vec::new();
+    let mut turns = 0;
+    for round in 0..rounds {
+        let before = relay.map(Relay::turns).unwrap_or(0);
+        let started = Instant::now();
+        check(run(round), "a run");
+        times.push(started.elapsed());
+        turns = relay.map(Relay::turns).unwrap_or(0) - before;
+    }
+    (median(times), turns)
+}
+
+fn main() {
+    let a = args();
+    require_fork();
+    println!(
+        "ssh-ng:// through OpenSSH on 127.0.0.1 and a relay adding each round-trip time, to a stock \
+         2.26.3 daemon; workload n = {}, median of {} rounds; closure of {} paths",
+        a.n, a.rounds, a.paths
+    );
+    for &rtt in &a.rtts {
+        bench_at(&a, Duration::from_millis(rtt));
+    }
+}
+
+fn bench_at(a: &Args, rtt: Duration) {
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, rtt);
+    let work = d.host_path("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("workload.nix"), WORKLOAD).unwrap();
+    std::fs::write(work.join("shared-input.txt"), SHARED_INPUT).unwrap();
+    let file = d.inner_path("work/workload.nix");
+    let n = a.n.to_string();
+    let store = sshd.store_uri();
+    let ms = rtt.as_millis();
+
+    // Evaluation, every path new (a fresh salt each round), then every path valid.
+    let mut new_rows = Vec::new();
+    let mut valid_rows = Vec::new();
+    for (i, c) in clients().iter().enumerate() {
+        let program = c.program("nix-instantiate");
+        let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
+        let eval = |salt: &str| {
+            sshd.client_command(
+                &d,
+                relay.port,
+                &env,
+                &[&program, "--store", &store, &file, "--arg", "n", &n, "--argstr", "salt", salt],
+            )
+            .output()
+            .unwrap()
+        };
+        let (time, turns) = measure(Some(&relay), a.rounds, |round| eval(&format!("new-{ms}-{i}-{round}")));
+        new_rows.push(Row { label: c.label.into(), time, turns, paths: a.n });
+        let (time, turns) = measure(Some(&relay), a.rounds, |_| eval("valid"));
+        valid_rows.push(Row { label: c.label.into(), time, turns, paths: a.n });
+    }
+    // The same all-valid evaluation through the daemon's socket, for the goal.
+    let local = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let (time, _) = measure(None, a.rounds, |_| d.nix(&[&local, &file, "--arg", "n", &n, "--argstr", "salt", "valid"]));
+    valid_rows.push(Row { label: "fork, Rust client, local socket".into(), time, turns: 0, paths: a.n });
+    print_table(&format!("{ms} ms: nix-instantiate, every path new"), &new_rows);
+    print_table(&format!("{ms} ms: nix-instantiate, every path valid"), &valid_rows);
+    let remote = valid_rows[2].time.as_secs_f64();
+    println!("  Rust client over ssh-ng at {ms} ms / through the local socket: {:.2}x", remote / time.as_secs_f64());
+
+    // A closure of small paths in a local store with the daemon's store directory:
+    // a top path referring to groups that refer to the leaves.
+    let source = format!("local?root={}", d.inner_path("source"));
+    let expr = format!(
+        "let leaves = builtins.genList (i: builtins.toFile \"leaf-${{toString i}}\" \"leaf ${{toString i}}\") {}; \
+         groups = builtins.genList (g: builtins.toFile \"group-${{toString g}}\" \
+           (builtins.concatStringsSep \"\\n\" (builtins.genList (j: builtins.elemAt leaves (g * 50 + j)) 50))) {}; \
+         in builtins.toFile \"top\" (builtins.concatStringsSep \"\\n\" groups)",
+        a.paths / 50 * 50,
+        a.paths / 50
+    );
+    let top = check(
+        sshd.client_command(
+            &d,
+            relay.port,
+            &[],
+            &["nix-instantiate", "--store", &source, "--eval", "--read-write-mode", "-E", &expr],
+        )
+        .output()
+        .unwrap(),
+        "making the closure",
+    );
+    let top = String::from_utf8(top.stdout).unwrap().trim().trim_matches('"').to_owned();
+    let closure = a.paths / 50 * 51 + 1;
+
+    let mut copy_rows = Vec::new();
+    let mut info_rows = Vec::new();
+    for c in clients() {
+        let program = c.program("nix");
+        let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
+        let nix = |args: &[&str]| {
+            let mut all = vec![program.as_str(), "--extra-experimental-features", "nix-command"];
+            all.extend_from_slice(args);
+            sshd.client_command(&d, relay.port, &env, &all).output().unwrap()
+        };
+        let (time, turns) = measure(Some(&relay), a.rounds, |_| {
+            // Each round copies into a store that lacks the closure.
+            let listed = d.nix(&["nix-store", "-qR", &top]);
+            let listed = String::from_utf8(listed.stdout).unwrap();
+            let paths: Vec<&str> = listed.lines().collect();
+            if !paths.is_empty() {
+                let mut del = vec!["nix-store", "--delete"];
+                del.extend(paths.iter().copied());
+                check(d.nix(&del), "deleting the copied closure");
+            }
+            nix(&["copy", "--no-check-sigs", "--from", &source, "--to", &store, &top])
+        });
+        copy_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
+        let (time, turns) = measure(Some(&relay), a.rounds, |_| nix(&["path-info", "-r", "--store", &store, &top]));
+        info_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
+    }
+    print_table(&format!("{ms} ms: nix copy --to ssh-ng://, {closure} paths"), &copy_rows);
+    print_table(&format!("{ms} ms: nix path-info -r --store ssh-ng://, {closure} paths"), &info_rows);
+}
