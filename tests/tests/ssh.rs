@@ -256,3 +256,33 @@ async fn the_fork_queries_a_closure_over_ssh_ng_level_by_level() {
     assert_eq!(outputs[0].0.len(), 511);
     assert_eq!(outputs[0].0, outputs[1].0);
 }
+
+/// An ssh-ng:// store that cannot be reached, or that refuses the key, fails the
+/// first write naming the host, with either of the fork's clients.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn an_unreachable_or_refusing_host_is_named_by_either_client() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let write = ["--eval", "--read-write-mode", "-E", "builtins.toFile \"x\" \"y\""];
+    // Port 1 on loopback: nobody listens.
+    for (what, port, ssh_says) in [("unreachable", 1, "Connection refused"), ("refused", sshd.port, "Permission denied")] {
+        if what == "refused" {
+            std::fs::write(d.host_path("ssh/authorized_keys"), "").unwrap();
+        }
+        for client in ["rust", "cxx"] {
+            let mut args = vec![program.as_str(), "--store"];
+            let uri = sshd.store_uri();
+            args.push(&uri);
+            args.extend(write);
+            let started = Instant::now();
+            let out = sshd.client_command(&d, port, &[("NIX_DAEMON_CLIENT", client)], &args).output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success(), "{what} ({client}): succeeded");
+            assert!(stderr.contains("root@127.0.0.1") && stderr.contains(ssh_says), "{what} ({client}): {stderr}");
+            assert!(started.elapsed() < Duration::from_secs(30), "{what} ({client}) took {:?}", started.elapsed());
+        }
+    }
+}

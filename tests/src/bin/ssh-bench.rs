@@ -12,8 +12,16 @@
 //! path (the times it sent again after the server had answered, counted by the relay:
 //! a client that waits for every reply turns once per request).
 //!
+//! It also times a connection alone (`nix store info`: ssh's own setup and the
+//! protocol's handshake), which every command pays once.
+//!
 //!     cargo run --release -p store-tests --bin ssh-bench -- [--n N] [--rounds R]
-//!         [--rtt MS[,MS…]] [--paths P]
+//!         [--rtt MS[,MS…]] [--paths P] [--clients nix-bin,cxx,rust] [--daemon stock|fork]
+//!
+//! `--daemon fork` puts the fork's daemon behind sshd instead (which serves
+//! AddTempRoots, one request per batch where the stock daemon takes one per path).
+//! `--clients` picks some of the three (the first one picked is the speed-up's
+//! reference), and `--paths 0` leaves out the closure.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -29,10 +37,19 @@ struct Args {
     rounds: usize,
     rtts: Vec<u64>,
     paths: usize,
+    clients: Vec<String>,
+    daemon: Nix,
 }
 
 fn args() -> Args {
-    let mut a = Args { n: 500, rounds: 3, rtts: vec![2, 10], paths: 3000 };
+    let mut a = Args {
+        n: 500,
+        rounds: 3,
+        rtts: vec![2, 10],
+        paths: 3000,
+        clients: vec!["nix-bin".into(), "cxx".into(), "rust".into()],
+        daemon: Nix::V2_26,
+    };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
@@ -41,6 +58,14 @@ fn args() -> Args {
             "--rounds" => a.rounds = value().parse().expect("--rounds R"),
             "--rtt" => a.rtts = value().split(',').map(|s| s.parse().expect("--rtt MS[,MS…]")).collect(),
             "--paths" => a.paths = value().parse().expect("--paths P"),
+            "--clients" => a.clients = value().split(',').map(str::to_owned).collect(),
+            "--daemon" => {
+                a.daemon = match value().as_str() {
+                    "stock" => Nix::V2_26,
+                    "fork" => Nix::Fork,
+                    other => panic!("--daemon is stock or fork, not {other}"),
+                }
+            }
             other => panic!("unknown argument {other}; see the source's header"),
         }
     }
@@ -50,17 +75,22 @@ fn args() -> Args {
 /// One of the clients compared.
 #[derive(Clone, Copy)]
 struct ClientKind {
+    name: &'static str,
     label: &'static str,
     bin: &'static str,
     daemon_client: &'static str,
 }
 
-fn clients() -> [ClientKind; 3] {
-    [
-        ClientKind { label: "nix-bin 2.26.3", bin: "/usr/bin", daemon_client: "cxx" },
-        ClientKind { label: "fork, C++ client", bin: "FORK", daemon_client: "cxx" },
-        ClientKind { label: "fork, Rust client", bin: "FORK", daemon_client: "rust" },
-    ]
+fn clients(a: &Args) -> Vec<ClientKind> {
+    let all = [
+        ClientKind { name: "nix-bin", label: "nix-bin 2.26.3", bin: "/usr/bin", daemon_client: "cxx" },
+        ClientKind { name: "cxx", label: "fork, C++ client", bin: "FORK", daemon_client: "cxx" },
+        ClientKind { name: "rust", label: "fork, Rust client", bin: "FORK", daemon_client: "rust" },
+    ];
+    for c in &a.clients {
+        assert!(all.iter().any(|k| k.name == c), "--clients: '{c}' is not nix-bin, cxx or rust");
+    }
+    all.into_iter().filter(|k| a.clients.iter().any(|c| c == k.name)).collect()
 }
 
 impl ClientKind {
@@ -97,7 +127,7 @@ struct Row {
 
 fn print_table(title: &str, rows: &[Row]) {
     println!("\n{title}");
-    println!("  {:<34} {:>9} {:>11} {:>11}", "client", "median", "vs nix-bin", "turns/path");
+    println!("  {:<34} {:>9} {:>11} {:>11}", "client", "median", "speed-up", "turns/path");
     let base = rows.first().map(|r| r.time).unwrap_or_default();
     for r in rows {
         println!(
@@ -128,9 +158,12 @@ fn main() {
     let a = args();
     require_fork();
     println!(
-        "ssh-ng:// through OpenSSH on 127.0.0.1 and a relay adding each round-trip time, to a stock \
-         2.26.3 daemon; workload n = {}, median of {} rounds; closure of {} paths",
-        a.n, a.rounds, a.paths
+        "ssh-ng:// through OpenSSH on 127.0.0.1 and a relay adding each round-trip time, to {}; \
+         workload n = {}, median of {} rounds; closure of {} paths",
+        if a.daemon == Nix::Fork { "the fork's daemon" } else { "a stock 2.26.3 daemon" },
+        a.n,
+        a.rounds,
+        a.paths
     );
     for &rtt in &a.rtts {
         bench_at(&a, Duration::from_millis(rtt));
@@ -138,7 +171,7 @@ fn main() {
 }
 
 fn bench_at(a: &Args, rtt: Duration) {
-    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let d = Daemon::start(a.daemon, Trust::Trusted);
     let sshd = Sshd::start(&d);
     let relay = Relay::start(sshd.port, rtt);
     let work = d.host_path("work");
@@ -153,7 +186,20 @@ fn bench_at(a: &Args, rtt: Duration) {
     // Evaluation, every path new (a fresh salt each round), then every path valid.
     let mut new_rows = Vec::new();
     let mut valid_rows = Vec::new();
-    for (i, c) in clients().iter().enumerate() {
+    let mut connect_rows = Vec::new();
+    for (i, c) in clients(a).iter().enumerate() {
+        let info = c.program("nix");
+        let (time, turns) = measure(Some(&relay), a.rounds, |_| {
+            sshd.client_command(
+                &d,
+                relay.port,
+                &[("NIX_DAEMON_CLIENT", c.daemon_client)],
+                &[&info, "--extra-experimental-features", "nix-command", "store", "info", "--store", &store],
+            )
+            .output()
+            .unwrap()
+        });
+        connect_rows.push(Row { label: c.label.into(), time, turns, paths: 1 });
         let program = c.program("nix-instantiate");
         let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
         let eval = |salt: &str| {
@@ -175,10 +221,20 @@ fn bench_at(a: &Args, rtt: Duration) {
     let local = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let (time, _) = measure(None, a.rounds, |_| d.nix(&[&local, &file, "--arg", "n", &n, "--argstr", "salt", "valid"]));
     valid_rows.push(Row { label: "fork, Rust client, local socket".into(), time, turns: 0, paths: a.n });
+    print_table(&format!("{ms} ms: a connection alone (nix store info; turns per connection)"), &connect_rows);
     print_table(&format!("{ms} ms: nix-instantiate, every path new"), &new_rows);
     print_table(&format!("{ms} ms: nix-instantiate, every path valid"), &valid_rows);
-    let remote = valid_rows[2].time.as_secs_f64();
-    println!("  Rust client over ssh-ng at {ms} ms / through the local socket: {:.2}x", remote / time.as_secs_f64());
+    if let Some(rust) = clients(a).iter().position(|c| c.name == "rust") {
+        let remote = valid_rows[rust].time.as_secs_f64();
+        println!(
+            "  Rust client over ssh-ng at {ms} ms / through the local socket: {:.2}x ({:.2}x without one connection's cost)",
+            remote / time.as_secs_f64(),
+            (remote - connect_rows[rust].time.as_secs_f64()) / time.as_secs_f64()
+        );
+    }
+    if a.paths == 0 {
+        return;
+    }
 
     // A closure of small paths in a local store with the daemon's store directory:
     // a top path referring to groups that refer to the leaves.
@@ -207,7 +263,7 @@ fn bench_at(a: &Args, rtt: Duration) {
 
     let mut copy_rows = Vec::new();
     let mut info_rows = Vec::new();
-    for c in clients() {
+    for c in clients(a) {
         let program = c.program("nix");
         let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
         let nix = |args: &[&str]| {
