@@ -268,7 +268,9 @@ fn an_unreachable_or_refusing_host_is_named_by_either_client() {
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let write = ["--eval", "--read-write-mode", "-E", "builtins.toFile \"x\" \"y\""];
     // Port 1 on loopback: nobody listens.
-    for (what, port, ssh_says) in [("unreachable", 1, "Connection refused"), ("refused", sshd.port, "Permission denied")] {
+    for (what, port, ssh_says) in
+        [("unreachable", 1, "Connection refused"), ("refused", sshd.port, "Permission denied")]
+    {
         if what == "refused" {
             std::fs::write(d.host_path("ssh/authorized_keys"), "").unwrap();
         }
