@@ -256,6 +256,17 @@ impl Daemon {
         }
     }
 
+    /// Puts the bundled workload (`bench/workload.nix` and its shared input) in the
+    /// daemon's directory; returns its path as Nix sees it.
+    pub fn workload(&self) -> String {
+        let dir = self.host_path("work");
+        std::fs::create_dir_all(&dir).expect("create the workload's directory");
+        std::fs::write(dir.join("workload.nix"), include_str!("../../bench/workload.nix")).expect("write the workload");
+        std::fs::write(dir.join("shared-input.txt"), include_str!("../../bench/shared-input.txt"))
+            .expect("write the workload's input");
+        self.inner_path("work/workload.nix")
+    }
+
     /// `nix-daemon --stdio` in the root, serving this daemon's store on its standard
     /// input and output (by forwarding to the daemon's socket, as behind `ssh`), for
     /// [`rust_store::transport::Transport::spawn`].
@@ -428,6 +439,32 @@ pub fn children_of(parent: u32) -> Vec<u32> {
         }
     }
     out
+}
+
+/// With 300 additions pending on `c` (a client of `d`, whose workers are stopped so
+/// that they stay pending), kills `pid`, the process at `c`'s other end, and checks
+/// that every one fails within a second, as a lost connection naming `peer`.
+/// Returns how long they took.
+pub async fn pending_fail_when_killed(d: &Daemon, c: &Client, pid: u32, peer: &str) -> Duration {
+    let none = std::collections::BTreeSet::new();
+    c.add_text("before", b"before".to_vec(), &none).await.expect("an addition before the kill");
+    d.stop_workers();
+    let mut calls = Vec::new();
+    for i in 0..300 {
+        let call = c.add_text(&format!("k{i}"), format!("kill {i}").into_bytes(), &none).start().await;
+        calls.push(call.expect("send an addition"));
+    }
+    let killed = Instant::now();
+    kill(pid);
+    for call in calls {
+        let e = tokio::time::timeout(Duration::from_secs(1), call)
+            .await
+            .expect("request still pending a second after the kill")
+            .expect_err("answered by a dead peer");
+        assert!(e.is_disconnect(), "{e}");
+        assert!(e.to_string().contains(peer), "{e}");
+    }
+    killed.elapsed()
 }
 
 /// Sends SIGKILL to `pid`.

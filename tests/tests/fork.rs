@@ -9,9 +9,6 @@ use rust_store::types::UnkeyedValidPathInfo;
 use rust_store::{Client, StorePath};
 use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, client_user, require_fork};
 
-const WORKLOAD: &str = include_str!("../../bench/workload.nix");
-const SHARED_INPUT: &str = include_str!("../../bench/shared-input.txt");
-
 /// Runs `test` against a stock 2.26.3 daemon, then against the fork's.
 fn against_each_daemon(test: fn(Nix)) {
     require_fork();
@@ -20,17 +17,8 @@ fn against_each_daemon(test: fn(Nix)) {
     }
 }
 
-/// Puts the bundled workload in the daemon's directory; returns its path as Nix sees it.
-fn workload(d: &Daemon) -> String {
-    let dir = d.host_path("work");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("workload.nix"), WORKLOAD).unwrap();
-    std::fs::write(dir.join("shared-input.txt"), SHARED_INPUT).unwrap();
-    d.inner_path("work/workload.nix")
-}
-
 fn instantiate(d: &Daemon, program: &str, client: &str, n: usize, salt: &str) -> Output {
-    let file = workload(d);
+    let file = d.workload();
     let n = n.to_string();
     d.run_as(
         client_user(),
@@ -112,7 +100,7 @@ fn fork_pipelines_the_workload() {
 
 fn fork_pipelines_the_workload_against(nix: Nix) {
     let d = Daemon::start(nix, Trust::Untrusted);
-    let file = workload(&d);
+    let file = d.workload();
     let stats = stats_path(&d);
     let run = || {
         let out = d.run_as(
@@ -243,7 +231,7 @@ async fn fork_fails_cleanly_when_the_daemon_dies() {
         [("/usr/bin/nix-instantiate", "cxx"), (&*format!("{FORK_PREFIX}/bin/nix-instantiate"), "rust")]
     {
         let mut d = Daemon::start(Nix::V2_26, Trust::Untrusted);
-        let file = workload(&d);
+        let file = d.workload();
         let n = "5000";
         let child = d
             .command_as(
@@ -298,7 +286,7 @@ fn garbage_collection_during_evaluation_against(nix: Nix) {
     /// Runs before the test gives up on meeting the race.
     const MAX_RUNS: usize = 10;
     let d = Daemon::start(nix, Trust::Untrusted);
-    let file = workload(&d);
+    let file = d.workload();
     ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 500, "gc"), "stock");
     let root = d.inner_path(&format!("home-{}/result", client_user()));
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
@@ -363,7 +351,7 @@ fn eight_evaluations_at_once() {
 
 fn eight_evaluations_at_once_against(nix: Nix) {
     let d = Daemon::start(nix, Trust::Untrusted);
-    let file = workload(&d);
+    let file = d.workload();
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let children: Vec<_> = (0..8)
         .map(|_| {
@@ -428,7 +416,7 @@ async fn the_fork_daemon_stores_what_the_stock_daemon_stores() {
 async fn the_fork_daemon_killed_mid_batch_leaves_a_sound_store() {
     require_fork();
     let d = Daemon::start(Nix::Fork, Trust::Untrusted);
-    let file = workload(&d);
+    let file = d.workload();
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let mut killed = 0;
     for round in 0..20 {
@@ -574,7 +562,7 @@ async fn stock_clients_get_the_same_from_the_fork_daemon() {
     let dir = format!("/tmp/nt-stock-clients-{}", std::process::id());
     let run = |nix: Nix| {
         let d = Daemon::start_in(nix, Trust::Untrusted, &dir);
-        let file = workload(&d);
+        let file = d.workload();
         let mut printed = Vec::new();
         for (client, salt) in [(Nix::V2_8, "old"), (Nix::V2_26, "new")] {
             let out = d.run_from(client, &["nix-instantiate", &file, "--arg", "n", "100", "--argstr", "salt", salt]);

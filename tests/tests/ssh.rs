@@ -11,8 +11,6 @@ use rust_store::transport::Transport;
 use store_tests::ssh::{Relay, Sshd};
 use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, require_fork};
 
-const WORKLOAD: &str = include_str!("../../bench/workload.nix");
-const SHARED_INPUT: &str = include_str!("../../bench/shared-input.txt");
 const HOST: &str = "ssh-ng://root@127.0.0.1";
 
 async fn connect(d: &Daemon, sshd: &Sshd, port: u16) -> (Client, u32) {
@@ -57,24 +55,8 @@ async fn killing_ssh_fails_pending_requests_naming_the_host() {
     let d = Daemon::start(Nix::V2_26, Trust::Trusted);
     let sshd = Sshd::start(&d);
     let (c, ssh) = connect(&d, &sshd, sshd.port).await;
-    c.add_text("before", b"before".to_vec(), &BTreeSet::new()).await.unwrap();
-    d.stop_workers();
-    let mut calls = Vec::new();
-    for i in 0..300 {
-        calls.push(
-            c.add_text(&format!("k{i}"), format!("kill {i}").into_bytes(), &BTreeSet::new()).start().await.unwrap(),
-        );
-    }
-    let killed = Instant::now();
-    store_tests::kill(ssh);
-    for call in calls {
-        let e = tokio::time::timeout(Duration::from_secs(1), call)
-            .await
-            .expect("request still pending a second after ssh was killed")
-            .expect_err("answered without ssh");
-        assert!(e.is_disconnect() && e.to_string().contains(HOST), "{e}");
-    }
-    println!("300 pending requests failed {:?} after ssh was killed", killed.elapsed());
+    let took = store_tests::pending_fail_when_killed(&d, &c, ssh, HOST).await;
+    println!("300 pending requests failed {took:?} after the kill");
 }
 
 /// A refused key fails the connection naming the host, at once.
@@ -92,16 +74,8 @@ async fn a_refused_login_names_the_host() {
     assert!(e.to_string().contains(HOST), "{e}");
 }
 
-fn workload(d: &Daemon) -> String {
-    let dir = d.host_path("work");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("workload.nix"), WORKLOAD).unwrap();
-    std::fs::write(dir.join("shared-input.txt"), SHARED_INPUT).unwrap();
-    d.inner_path("work/workload.nix")
-}
-
 fn instantiate(d: &Daemon, sshd: &Sshd, port: u16, program: &str, client: &str, n: usize, salt: &str) -> Output {
-    let file = workload(d);
+    let file = d.workload();
     sshd.client_command(
         d,
         port,
@@ -151,7 +125,7 @@ fn killing_ssh_mid_evaluation_fails_naming_the_host() {
     require_fork();
     let d = Daemon::start(Nix::V2_26, Trust::Trusted);
     let sshd = Sshd::start(&d);
-    let file = workload(&d);
+    let file = d.workload();
     // Stopped workers leave every request pending.
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let child = sshd

@@ -5,7 +5,6 @@
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
 use std::os::fd::FromRawFd;
-use std::time::{Duration, Instant};
 
 use rust_store::Client;
 use rust_store::transport::Transport;
@@ -86,26 +85,8 @@ async fn a_lease_hands_over_both_pipes() {
 async fn pending_requests_fail_naming_the_peer_when_the_process_dies() {
     let d = Daemon::start(Nix::V2_26, Trust::Untrusted);
     let (c, relay) = connect_with_pid(&d).await;
-    c.add_text("before", b"before".to_vec(), &BTreeSet::new()).await.unwrap();
-    d.stop_workers();
-    let mut calls = Vec::new();
-    for i in 0..300 {
-        calls.push(
-            c.add_text(&format!("k{i}"), format!("kill {i}").into_bytes(), &BTreeSet::new()).start().await.unwrap(),
-        );
-    }
-    let killed = Instant::now();
-    // chroot and env exec, so the child is `nix-daemon --stdio` itself.
-    store_tests::kill(relay);
-    for call in calls {
-        let e = tokio::time::timeout(Duration::from_secs(1), call)
-            .await
-            .expect("request still pending a second after the kill")
-            .expect_err("answered by a dead process");
-        assert!(e.is_disconnect(), "{e}");
-        assert!(e.to_string().contains(PEER), "{e}");
-    }
-    println!("300 pending requests failed {:?} after the kill", killed.elapsed());
+    let took = store_tests::pending_fail_when_killed(&d, &c, relay, PEER).await;
+    println!("300 pending requests failed {took:?} after the kill");
 }
 
 /// A process that exits without greeting (ssh refused, no daemon there) fails the

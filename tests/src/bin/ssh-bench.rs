@@ -29,9 +29,6 @@ use std::time::{Duration, Instant};
 use store_tests::ssh::{Relay, Sshd};
 use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, require_fork};
 
-const WORKLOAD: &str = include_str!("../../../bench/workload.nix");
-const SHARED_INPUT: &str = include_str!("../../../bench/shared-input.txt");
-
 struct Args {
     n: usize,
     rounds: usize,
@@ -174,11 +171,7 @@ fn bench_at(a: &Args, rtt: Duration) {
     let d = Daemon::start(a.daemon, Trust::Trusted);
     let sshd = Sshd::start(&d);
     let relay = Relay::start(sshd.port, rtt);
-    let work = d.host_path("work");
-    std::fs::create_dir_all(&work).unwrap();
-    std::fs::write(work.join("workload.nix"), WORKLOAD).unwrap();
-    std::fs::write(work.join("shared-input.txt"), SHARED_INPUT).unwrap();
-    let file = d.inner_path("work/workload.nix");
+    let file = d.workload();
     let n = a.n.to_string();
     let store = sshd.store_uri();
     let ms = rtt.as_millis();
