@@ -27,6 +27,8 @@ pub struct Sshd {
     /// Where it listens, on 127.0.0.1.
     pub port: u16,
     child: Child,
+    /// Whether clients share one ssh connection (`ControlMaster`) that outlives them.
+    master: bool,
 }
 
 impl Sshd {
@@ -76,7 +78,7 @@ impl Sshd {
             .stderr(log)
             .spawn()
             .expect("start sshd");
-        let sshd = Sshd { root, dir, port, child };
+        let sshd = Sshd { root, dir, port, child, master: false };
         sshd.wait_ready();
         sshd
     }
@@ -105,13 +107,28 @@ impl Sshd {
         format!("ssh-ng://root@127.0.0.1?remote-program={}/remote-daemon", self.dir)
     }
 
+    /// From now on, clients share one ssh connection per port, which stays open for a
+    /// minute after the last (`ControlMaster=auto`, `ControlPersist`): what a user
+    /// who runs many commands against one host configures, so that each command
+    /// opens a session, not a connection.
+    pub fn share_connections(&mut self) {
+        self.master = true;
+    }
+
     /// `NIX_SSHOPTS` for reaching this server at `port` (its own, or a relay's).
     pub fn ssh_opts(&self, port: u16) -> String {
-        format!(
+        let mut opts = format!(
             "-p {port} -i {}/client_key -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null \
              -o LogLevel=ERROR -o BatchMode=yes",
             self.dir
-        )
+        );
+        if self.master {
+            opts.push_str(&format!(
+                " -o ControlMaster=auto -o ControlPath={}/master-%p -o ControlPersist=60",
+                self.dir
+            ));
+        }
+        opts
     }
 
     /// `ssh … nix-daemon --stdio` to this server at `port`, run inside the root, for
@@ -144,6 +161,16 @@ impl Sshd {
 
 impl Drop for Sshd {
     fn drop(&mut self) {
+        // Shared connections' masters would outlive the server by ControlPersist:
+        // ask each to exit.
+        let host_dir = self.root.join(self.dir.trim_start_matches('/'));
+        for entry in std::fs::read_dir(&host_dir).into_iter().flatten().flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with("master-") {
+                let control = format!("ControlPath={}/{name}", self.dir);
+                let _ = in_root(&self.root, &["ssh", "-o", &control, "-O", "exit", "root@127.0.0.1"]);
+            }
+        }
         // The listener, by pid; its sessions end with their clients.
         kill(self.child.id());
         let _ = self.child.wait();

@@ -18,6 +18,10 @@
 //!     cargo run --release -p store-tests --bin ssh-bench -- [--n N] [--rounds R]
 //!         [--rtt MS[,MS…]] [--paths P] [--clients nix-bin,cxx,rust] [--daemon stock|fork]
 //!
+//! `--share-connections` makes the clients share one ssh connection per run
+//! (`ControlMaster`, `ControlPersist`), as a user running many commands against one
+//! host would; then each command pays for a session on it, not for a connection.
+//!
 //! `--daemon fork` puts the fork's daemon behind sshd instead (which serves
 //! AddTempRoots, one request per batch where the stock daemon takes one per path).
 //! `--clients` picks some of the three (the first one picked is the speed-up's
@@ -36,6 +40,7 @@ struct Args {
     paths: usize,
     clients: Vec<String>,
     daemon: Nix,
+    share: bool,
 }
 
 fn args() -> Args {
@@ -46,9 +51,14 @@ fn args() -> Args {
         paths: 3000,
         clients: vec!["nix-bin".into(), "cxx".into(), "rust".into()],
         daemon: Nix::V2_26,
+        share: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--share-connections" {
+            a.share = true;
+            continue;
+        }
         let mut value = || it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--n" => a.n = value().parse().expect("--n N"),
@@ -156,11 +166,12 @@ fn main() {
     require_fork();
     println!(
         "ssh-ng:// through OpenSSH on 127.0.0.1 and a relay adding each round-trip time, to {}; \
-         workload n = {}, median of {} rounds; closure of {} paths",
+         workload n = {}, median of {} rounds; closure of {} paths{}",
         if a.daemon == Nix::Fork { "the fork's daemon" } else { "a stock 2.26.3 daemon" },
         a.n,
         a.rounds,
-        a.paths
+        a.paths,
+        if a.share { "; clients share one ssh connection" } else { "" }
     );
     for &rtt in &a.rtts {
         bench_at(&a, Duration::from_millis(rtt));
@@ -169,7 +180,10 @@ fn main() {
 
 fn bench_at(a: &Args, rtt: Duration) {
     let d = Daemon::start(a.daemon, Trust::Trusted);
-    let sshd = Sshd::start(&d);
+    let mut sshd = Sshd::start(&d);
+    if a.share {
+        sshd.share_connections();
+    }
     let relay = Relay::start(sshd.port, rtt);
     let file = d.workload();
     let n = a.n.to_string();
