@@ -581,3 +581,61 @@ async fn stock_clients_get_the_same_from_the_fork_daemon() {
     let fork = run(Nix::Fork);
     assert!(stock == fork, "stock clients got other paths or contents from the fork's daemon");
 }
+
+/// Contents that do not match the content address they are sent with are refused,
+/// and the path stays invalid, by each daemon: the fork's hashes what it restores
+/// for text, flat and NAR content addresses instead of reading the files back, and
+/// must refuse exactly what stock refuses.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn contents_that_do_not_match_their_content_address_are_refused() {
+    use rust_store::hash::{Hash, HashAlgo};
+    use rust_store::nar::{self, NarEntry};
+    use rust_store::store_path::{ContentAddress, ContentAddressMethod};
+    use rust_store::types::ValidPathInfo;
+
+    fn file(contents: &str) -> NarEntry {
+        NarEntry::Regular { executable: false, contents: contents.as_bytes().to_vec() }
+    }
+    fn dir(contents: &str) -> NarEntry {
+        NarEntry::Directory(BTreeMap::from([("a".to_owned(), file(contents))]))
+    }
+    against_each_daemon(|nix| {
+        let d = Daemon::start(nix, Trust::Untrusted);
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        // (what, method, the entry the address is of, the entry sent, what the daemon says)
+        let cases = [
+            ("text", ContentAddressMethod::Text, file("claimed"), file("delivered"), "ca hash mismatch"),
+            ("flat", ContentAddressMethod::Flat, file("claimed"), file("delivered"), "ca hash mismatch"),
+            ("nar", ContentAddressMethod::Nar, dir("claimed"), dir("delivered"), "ca hash mismatch"),
+            ("flat-dir", ContentAddressMethod::Flat, file("claimed"), dir("claimed"), "Is a directory"),
+            ("good", ContentAddressMethod::Nar, dir("fine"), dir("fine"), ""),
+        ];
+        for (what, method, claimed, sent, refusal) in cases {
+            let hashed = match (&claimed, method) {
+                (NarEntry::Regular { contents, .. }, ContentAddressMethod::Text | ContentAddressMethod::Flat) => {
+                    contents.clone()
+                }
+                _ => nar::write_nar(&claimed),
+            };
+            let ca = ContentAddress { method, hash: Hash::digest(HashAlgo::Sha256, &hashed) };
+            let path = d.store_dir.make_fixed_output_path_from_ca(what, &ca, &Default::default(), false).unwrap();
+            let nar = nar::write_nar(&sent);
+            let mut info = UnkeyedValidPathInfo::new(Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64);
+            info.ca = Some(ca);
+            let item = (ValidPathInfo { path: path.clone(), info }, nar);
+            let (result, valid) = rt.block_on(async {
+                let r = d.connect().await.add_multiple_to_store(&[item], false, false).await;
+                (r, d.connect().await.is_valid_path(&path).await.unwrap())
+            });
+            match result {
+                Ok(()) => assert!(refusal.is_empty() && valid, "{nix:?}: {what} was accepted"),
+                Err(e) => {
+                    assert!(!refusal.is_empty(), "{nix:?}: {what} refused: {e}");
+                    assert!(e.to_string().contains(refusal), "{nix:?}: {what}: {e}");
+                    assert!(!valid, "{nix:?}: {what} refused but valid");
+                }
+            }
+        }
+    });
+}
