@@ -639,3 +639,67 @@ fn contents_that_do_not_match_their_content_address_are_refused() {
         }
     });
 }
+
+/// Closures and path infos through the daemon's socket, which the Rust client asks
+/// for without waiting for each: `nix path-info -r`, `nix-store -qR` and
+/// `nix path-info --json` print what nix-bin prints, and a missing path fails as
+/// with nix-bin, against each daemon.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn closures_and_path_infos_are_stock_s() {
+    against_each_daemon(|nix| {
+        let d = Daemon::start(nix, Trust::Untrusted);
+        let drvs = ok(instantiate(&d, "/usr/bin/nix-instantiate", "cxx", 300, "closures"), "nix-bin");
+        let top = &drvs[drvs.len() - 1];
+        let missing = format!("{}/{}-missing", d.store_dir.as_str(), "0".repeat(32));
+        let fork_nix = format!("{FORK_PREFIX}/bin/nix");
+        let fork_store = format!("{FORK_PREFIX}/bin/nix-store");
+        let experimental = ["--extra-experimental-features", "nix-command"];
+        let queries: [(&str, Vec<&str>); 4] = [
+            ("path-info -r", [&experimental[..], &["path-info", "-r", top.as_str()]].concat()),
+            ("path-info --json", [&experimental[..], &["path-info", "--json", "-r", top.as_str()]].concat()),
+            ("-qR", vec!["-qR", top.as_str()]),
+            ("missing", [&experimental[..], &["path-info", missing.as_str()]].concat()),
+        ];
+        for (what, args) in queries {
+            let run = |program: &str, client: &str| {
+                let mut all = vec![program];
+                all.extend(args.iter().copied());
+                d.run_as(client_user(), &[("NIX_DAEMON_CLIENT", client)], &all)
+            };
+            let (stock_program, fork_program) = if what == "-qR" {
+                ("/usr/bin/nix-store", fork_store.as_str())
+            } else {
+                ("/usr/bin/nix", fork_nix.as_str())
+            };
+            let stock = run(stock_program, "cxx");
+            let fork = run(fork_program, "rust");
+            assert_eq!(stock.status.success(), fork.status.success(), "{nix:?} {what}");
+            if what == "missing" {
+                let (s, f) = (String::from_utf8_lossy(&stock.stderr), String::from_utf8_lossy(&fork.stderr));
+                assert!(s.contains("is not valid") && f.contains("is not valid"), "{nix:?}: {s} / {f}");
+                continue;
+            }
+            assert!(stock.status.success(), "{nix:?} {what}: {}", String::from_utf8_lossy(&stock.stderr));
+            let mut s: Vec<String> = String::from_utf8(stock.stdout).unwrap().lines().map(str::to_owned).collect();
+            let mut f: Vec<String> = String::from_utf8(fork.stdout).unwrap().lines().map(str::to_owned).collect();
+            if what == "path-info --json" {
+                // Registration times aside, the same infos.
+                let strip = |v: &mut Vec<String>| {
+                    let mut j: serde_json::Value = serde_json::from_str(&v.join("\n")).unwrap();
+                    let infos = j.as_object_mut().unwrap();
+                    for (_, info) in infos.iter_mut() {
+                        info.as_object_mut().unwrap().remove("registrationTime");
+                    }
+                    *v = infos.iter().map(|(path, info)| format!("{path} {info}")).collect();
+                };
+                strip(&mut s);
+                strip(&mut f);
+            }
+            s.sort();
+            f.sort();
+            assert!(s.len() > 300, "{nix:?} {what}: {} lines", s.len());
+            assert_eq!(s, f, "{nix:?} {what}");
+        }
+    });
+}
