@@ -166,8 +166,8 @@ mod ffi {
         /// waiting. `query_path_info_done(token, …)` gets the reply, later and on
         /// the bridge's completion thread, never on the caller's: the result as the
         /// protocol encodes it (a validity flag, then the path's info, in the
-        /// negotiated version), or the failure. Fails at once only for a malformed
-        /// path, and then never calls back.
+        /// negotiated version), or the failure. Fails at once, and then never calls
+        /// back, only for a malformed path or a connection already gone.
         fn query_path_info(self: &DaemonConnection, path: &str, token: usize) -> Outcome;
 
         /// The connection's counters, as a JSON object.
@@ -328,7 +328,7 @@ impl Logger for CxxLogger {
 /// for another reply.
 fn complete(f: impl FnOnce() + Send + 'static) {
     type Job = Box<dyn FnOnce() + Send>;
-    static COMPLETIONS: OnceLock<Mutex<std::sync::mpsc::Sender<Job>>> = OnceLock::new();
+    static COMPLETIONS: OnceLock<std::sync::mpsc::Sender<Job>> = OnceLock::new();
     let tx = COMPLETIONS.get_or_init(|| {
         let (tx, rx) = std::sync::mpsc::channel::<Job>();
         std::thread::Builder::new()
@@ -344,9 +344,9 @@ fn complete(f: impl FnOnce() + Send + 'static) {
                 }
             })
             .expect("start the completion thread");
-        Mutex::new(tx)
+        tx
     });
-    let _ = tx.lock().unwrap_or_else(|p| p.into_inner()).send(Box::new(f));
+    let _ = tx.send(Box::new(f));
 }
 
 /// The pipelined client on a connection of the C++ store's, and the uploads on it.
@@ -599,12 +599,15 @@ impl DaemonConnection {
                 };
                 complete(move || ffi::query_path_info_done(token, outcome));
             };
-            // The handler is called whatever happens, so the caller always hears back.
-            let _ = self.wait(async move {
-                client.query_path_info(&path).send_then(reply).await;
-                Ok(())
-            });
-            ok(Vec::new())
+            // Once sent, the handler is called whatever happens, so the caller always
+            // hears back; a request that cannot be sent is told to the caller now.
+            match client.reserve_blocking() {
+                Ok(room) => {
+                    client.query_path_info(&path).send_then_in(room, reply);
+                    ok(Vec::new())
+                }
+                Err(e) => failed(&e),
+            }
         })
     }
 

@@ -710,17 +710,37 @@ impl<'c, T: Send + 'static> Call<'c, T> {
     /// ends first, the handler gets that error. The handler runs on the connection's
     /// reader (or on whichever thread drops the request): it must not block.
     pub async fn send_then(self, handler: impl FnOnce(Result<T>) + Send + 'static) {
+        let client = self.client;
+        if let Some(msg) = self.handled(Box::new(handler)) {
+            // If the message cannot be handed over, dropping it calls the handler.
+            let _ = client.submit(msg).await;
+        }
+    }
+
+    /// [`Call::send_then`] into room reserved before ([`Client::reserve_blocking`]):
+    /// never waits, so a thread outside the runtime sends without a hop to it.
+    pub fn send_then_in(self, room: Room<'_>, handler: impl FnOnce(Result<T>) + Send + 'static) {
+        if let Some(msg) = self.handled(Box::new(handler)) {
+            room.permit.send(msg);
+        }
+    }
+
+    /// The message that sends this request with its result going to `handler`, or
+    /// `None` if the request cannot be made, which the handler has been told.
+    fn handled(self, handler: Box<dyn FnOnce(Result<T>) + Send>) -> Option<Message> {
         let shared = self.client.inner.shared.clone();
-        let on_reply = OnReply { handler: Some(Box::new(handler)), shared: shared.clone() };
+        let on_reply = OnReply { handler: Some(handler), shared: shared.clone() };
         let request = match self.request {
             Ok(r) => r,
-            Err(e) => return on_reply.call(Err(e)),
+            Err(e) => {
+                on_reply.call(Err(e));
+                return None;
+            }
         };
         shared.stats.request(request.op, false);
         let reply =
             Box::new(Typed { decode: self.decode, check: self.check, value: None, to: Delivery::Handler(on_reply) });
-        // If the message cannot be handed over, dropping it calls the handler.
-        let _ = self.client.submit(Message::Request { request, reply }).await;
+        Some(Message::Request { request, reply })
     }
 
     /// The message that sends this request with nobody waiting for its reply.

@@ -82,19 +82,9 @@ impl Transport {
         Ok(Transport { read: Box::new(stdout), write: Box::new(stdin), fds, peer, child: Some(child) })
     }
 
-    /// The descriptors, for leases.
-    pub fn fds(&self) -> Fds {
-        self.fds
-    }
-
     /// The process at the other end, if this transport started it.
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().and_then(|c| c.id())
-    }
-
-    /// What the other end is called in messages.
-    pub fn peer(&self) -> &str {
-        &self.peer
     }
 }
 
