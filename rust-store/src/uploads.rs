@@ -398,9 +398,7 @@ impl Uploads {
             events,
             events_tx,
             deadline: None,
-            checks: VecDeque::new(),
-            next_id: 0,
-            drains: VecDeque::new(),
+            checks: Checks::default(),
         };
         tokio::spawn(task.run());
         Uploads { client, commands, shared }
@@ -696,11 +694,8 @@ struct Task {
     events_tx: mpsc::UnboundedSender<Checked>,
     /// When the open batch must go.
     deadline: Option<Instant>,
-    /// Checks on the connection, in order, with their items.
-    checks: VecDeque<(u64, Vec<Item>)>,
-    next_id: u64,
-    /// Drains waiting for every check up to an id.
-    drains: VecDeque<(u64, oneshot::Sender<()>)>,
+    /// Checks on the connection, with their items, and the drains waiting for them.
+    checks: Checks<Vec<Item>>,
 }
 
 impl Task {
@@ -714,10 +709,7 @@ impl Task {
                     Some(Command::SendNow) => self.send_check().await,
                     Some(Command::Drain(tx)) => {
                         self.send_check().await;
-                        match self.checks.back() {
-                            Some((id, _)) => self.drains.push_back((*id, tx)),
-                            None => { let _ = tx.send(()); }
-                        }
+                        self.checks.drain(tx);
                     }
                     // Every handle is gone: finish what was added.
                     None => {
@@ -778,13 +770,11 @@ impl Task {
                 let _ = self.client.add_temp_root(path).send().await;
             }
         }
-        let id = self.next_id;
-        self.next_id += 1;
+        let id = self.checks.push(checked);
         let c = &self.shared.counters;
         c.checked.fetch_add(paths.len() as u64, Relaxed);
         c.check_batches.fetch_add(1, Relaxed);
         trace!(id, paths = paths.len(), "check");
-        self.checks.push_back((id, checked));
         let events = self.events_tx.clone();
         self.client
             .query_valid_paths(&paths, false)
@@ -796,8 +786,7 @@ impl Task {
 
     /// A check's answer: forget the valid paths' contents, upload the others.
     async fn checked(&mut self, id: u64, result: Result<BTreeSet<StorePath>>) {
-        let Some((first, items)) = self.checks.pop_front() else { return };
-        debug_assert_eq!(first, id, "checks are answered in order");
+        let Some(items) = self.checks.answer(id) else { return };
         let (valid, missing): (Vec<Item>, Vec<Item>) = match result {
             Ok(valid) => {
                 let valid: PathSet = valid.iter().map(|p| *p.hash_bytes()).collect();
@@ -815,11 +804,7 @@ impl Task {
         self.shared.unresolved.fetch_sub(valid.len() as u64, Relaxed);
         self.shared.release(freed);
         self.upload(missing).await;
-        while self.drains.front().is_some_and(|(upto, _)| *upto <= id) {
-            if let Some((_, tx)) = self.drains.pop_front() {
-                let _ = tx.send(());
-            }
-        }
+        self.checks.release_drains();
     }
 
     /// Sends uploads of `items`, in order, in batches.
@@ -914,6 +899,64 @@ impl Task {
     }
 }
 
+/// The validity checks on the connection, each with its items, and the drains
+/// waiting for them.
+///
+/// While the connection lives, the daemon answers checks in the order they were
+/// sent. When it breaks, that order is lost: a check made after the break fails at
+/// once, while earlier ones still queued for the writer fail only when it drops its
+/// queue. So an answer is matched to its check by id, and a drain is answered when
+/// no check sent before it is left, not when the check it came after is answered.
+struct Checks<I> {
+    sent: VecDeque<(u64, I)>,
+    next_id: u64,
+    /// Drains, each waiting for every check with an id below its own.
+    drains: Vec<(u64, oneshot::Sender<()>)>,
+}
+
+impl<I> Default for Checks<I> {
+    fn default() -> Self {
+        Checks { sent: VecDeque::new(), next_id: 0, drains: Vec::new() }
+    }
+}
+
+impl<I> Checks<I> {
+    /// Records a check about to be sent; returns its id.
+    fn push(&mut self, items: I) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.sent.push_back((id, items));
+        id
+    }
+
+    fn is_empty(&self) -> bool {
+        self.sent.is_empty()
+    }
+
+    /// The items of check `id`, which has been answered; `None` if it was already.
+    fn answer(&mut self, id: u64) -> Option<I> {
+        let at = self.sent.iter().position(|(sent, _)| *sent == id)?;
+        self.sent.remove(at).map(|(_, items)| items)
+    }
+
+    /// Answers `tx` once every check recorded so far has been answered (and its
+    /// missing paths' uploads sent): at once if none is left.
+    fn drain(&mut self, tx: oneshot::Sender<()>) {
+        self.drains.push((self.next_id, tx));
+        self.release_drains();
+    }
+
+    /// Answers the drains that no longer wait for any check.
+    fn release_drains(&mut self) {
+        let oldest = self.sent.front().map_or(self.next_id, |(id, _)| *id);
+        let (ready, waiting) = std::mem::take(&mut self.drains).into_iter().partition(|(upto, _)| *upto <= oldest);
+        self.drains = waiting;
+        for (_, tx) in ready {
+            let _ = tx.send(());
+        }
+    }
+}
+
 async fn sleep_until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -988,4 +1031,58 @@ fn join_base_names<R: AsRef<str>>(references: &[R]) -> Result<String> {
         joined.push_str(r);
     }
     Ok(joined)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn drained(rx: &mut oneshot::Receiver<()>) -> bool {
+        rx.try_recv().is_ok()
+    }
+
+    #[test]
+    fn a_drain_waits_for_the_checks_before_it() {
+        let mut checks = Checks::default();
+        let (a, b) = (checks.push("a"), checks.push("b"));
+        let (tx, mut rx) = oneshot::channel();
+        checks.drain(tx);
+        let c = checks.push("c");
+        assert_eq!(checks.answer(a), Some("a"));
+        checks.release_drains();
+        assert!(!drained(&mut rx));
+        assert_eq!(checks.answer(b), Some("b"));
+        checks.release_drains();
+        assert!(drained(&mut rx), "the check after the drain is not waited for");
+        assert_eq!(checks.answer(c), Some("c"));
+        assert!(checks.is_empty());
+    }
+
+    #[test]
+    fn a_drain_with_nothing_outstanding_is_answered_at_once() {
+        let mut checks = Checks::<()>::default();
+        let (tx, mut rx) = oneshot::channel();
+        checks.drain(tx);
+        assert!(drained(&mut rx));
+    }
+
+    /// A broken connection fails a check made after the break before the earlier
+    /// ones still queued: a drain made in between still ends once they fail.
+    #[test]
+    fn answers_out_of_order_still_release_every_drain() {
+        let mut checks = Checks::default();
+        let (first, second) = (checks.push(1), checks.push(2));
+        let (early, mut early_rx) = oneshot::channel();
+        checks.drain(early);
+        assert_eq!(checks.answer(second), Some(2));
+        checks.release_drains();
+        let (late, mut late_rx) = oneshot::channel();
+        checks.drain(late);
+        assert!(!drained(&mut early_rx) && !drained(&mut late_rx));
+        assert_eq!(checks.answer(first), Some(1));
+        checks.release_drains();
+        assert!(drained(&mut early_rx) && drained(&mut late_rx));
+        assert_eq!(checks.answer(first), None, "answered twice");
+        assert!(checks.is_empty());
+    }
 }
