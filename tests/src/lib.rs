@@ -314,7 +314,7 @@ impl Daemon {
 
     /// Runs [`Daemon::command_as`] to completion.
     pub fn run_as(&self, user: &str, env: &[(&str, &str)], args: &[&str]) -> Output {
-        self.command_as(user, env, args).output().expect("run a command as the client user")
+        output_within(self.command_as(user, env, args), COMMAND_LIMIT)
     }
 
     /// Runs `args` (as root) with the programs of `client`'s root, as a client of this
@@ -343,8 +343,8 @@ impl Daemon {
             );
             Unmount(target)
         });
-        Command::new("chroot")
-            .arg(&other)
+        let mut cmd = Command::new("chroot");
+        cmd.arg(&other)
             .arg("/usr/bin/env")
             .arg("-i")
             .args(Self::env_of(&self.dir))
@@ -352,9 +352,8 @@ impl Daemon {
             // the daemon.
             .arg("NIX_REMOTE=daemon")
             .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .expect("run a nix command")
+            .stdin(Stdio::null());
+        output_within(cmd, COMMAND_LIMIT)
     }
 
     /// Every path in `paths`, with its closure, is valid in the store (a
@@ -421,6 +420,58 @@ impl Drop for Daemon {
         self.kill();
         let dir = self.root.join(self.dir.trim_start_matches('/'));
         let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+/// How long one command of a test may run: far beyond what any takes, so that a
+/// command that hangs fails its test instead of holding up the whole run.
+pub const COMMAND_LIMIT: Duration = Duration::from_secs(300);
+
+/// Runs `cmd` to completion, collecting its output like [`Command::output`]. If it
+/// is still running after `limit`, kills it (SIGKILL) and panics naming it, with
+/// what it had printed.
+pub fn output_within(mut cmd: Command, limit: Duration) -> Output {
+    let what = format!("{:?}", cmd);
+    let child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap_or_else(|e| panic!("{what}: {e}"));
+    wait_within(child, limit, &what)
+}
+
+/// Waits for `child` (its output piped, or not) like [`Child::wait_with_output`],
+/// for at most `limit`; then kills it and panics naming `what`.
+pub fn wait_within(mut child: Child, limit: Duration, what: &str) -> Output {
+    use std::io::Read;
+    // Read both pipes meanwhile, so that a child printing much never blocks.
+    let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut out = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut out);
+            }
+            out
+        })
+    };
+    let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for a command") {
+            break Some(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (stdout, stderr) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+    match status {
+        Some(status) => Output { status, stdout, stderr },
+        None => panic!(
+            "{what} still ran after {limit:?}, killed; it printed:\n{}{}",
+            String::from_utf8_lossy(&stdout),
+            String::from_utf8_lossy(&stderr)
+        ),
     }
 }
 

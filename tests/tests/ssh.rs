@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rust_store::Client;
 use rust_store::transport::Transport;
 use store_tests::ssh::{Relay, Sshd};
-use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, require_fork};
+use store_tests::{COMMAND_LIMIT, Daemon, FORK_PREFIX, Nix, Trust, output_within, require_fork, wait_within};
 
 const HOST: &str = "ssh-ng://root@127.0.0.1";
 
@@ -76,14 +76,13 @@ async fn a_refused_login_names_the_host() {
 
 fn instantiate(d: &Daemon, sshd: &Sshd, port: u16, program: &str, client: &str, n: usize, salt: &str) -> Output {
     let file = d.workload();
-    sshd.client_command(
+    let cmd = sshd.client_command(
         d,
         port,
         &[("NIX_DAEMON_CLIENT", client)],
         &[program, "--store", &sshd.store_uri(), &file, "--arg", "n", &n.to_string(), "--argstr", "salt", salt],
-    )
-    .output()
-    .unwrap()
+    );
+    output_within(cmd, COMMAND_LIMIT)
 }
 
 fn ok(out: Output, what: &str) -> Vec<String> {
@@ -159,7 +158,7 @@ fn killing_ssh_mid_evaluation_fails_naming_the_host() {
     std::thread::sleep(Duration::from_millis(200));
     let killed = Instant::now();
     store_tests::kill(ssh);
-    let out = child.wait_with_output().unwrap();
+    let out = wait_within(child, Duration::from_secs(60), "nix-instantiate over ssh");
     let elapsed = killed.elapsed();
     let stderr = String::from_utf8_lossy(&out.stderr);
     println!("the evaluation ended {elapsed:?} after ssh was killed: {stderr}");
@@ -205,24 +204,22 @@ async fn the_fork_queries_a_closure_over_ssh_ng_level_by_level() {
     let mut outputs = Vec::new();
     for (program, client) in [("/usr/bin/nix", "cxx"), (&*fork, "rust")] {
         let started = Instant::now();
-        let out = sshd
-            .client_command(
-                &d,
-                relay.port,
-                &[("NIX_DAEMON_CLIENT", client)],
-                &[
-                    program,
-                    "--extra-experimental-features",
-                    "nix-command",
-                    "path-info",
-                    "-r",
-                    "--store",
-                    &sshd.store_uri(),
-                    &top,
-                ],
-            )
-            .output()
-            .unwrap();
+        let cmd = sshd.client_command(
+            &d,
+            relay.port,
+            &[("NIX_DAEMON_CLIENT", client)],
+            &[
+                program,
+                "--extra-experimental-features",
+                "nix-command",
+                "path-info",
+                "-r",
+                "--store",
+                &sshd.store_uri(),
+                &top,
+            ],
+        );
+        let out = output_within(cmd, COMMAND_LIMIT);
         let paths = ok(out, program);
         println!("{program} ({client}): {} paths in {:?}", paths.len(), started.elapsed());
         outputs.push((paths, started.elapsed()));
@@ -254,7 +251,8 @@ fn an_unreachable_or_refusing_host_is_named_by_either_client() {
             args.push(&uri);
             args.extend(write);
             let started = Instant::now();
-            let out = sshd.client_command(&d, port, &[("NIX_DAEMON_CLIENT", client)], &args).output().unwrap();
+            let out =
+                output_within(sshd.client_command(&d, port, &[("NIX_DAEMON_CLIENT", client)], &args), COMMAND_LIMIT);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(!out.status.success(), "{what} ({client}): succeeded");
             assert!(stderr.contains("root@127.0.0.1") && stderr.contains(ssh_says), "{what} ({client}): {stderr}");
