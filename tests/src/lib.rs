@@ -442,13 +442,15 @@ pub fn wait_within(mut child: Child, limit: Duration, what: &str) -> Output {
     use std::io::Read;
     // Read both pipes meanwhile, so that a child printing much never blocks.
     let drain = |pipe: Option<Box<dyn Read + Send>>| {
+        let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut out = Vec::new();
             if let Some(mut p) = pipe {
                 let _ = p.read_to_end(&mut out);
             }
-            out
-        })
+            let _ = tx.send(out);
+        });
+        rx
     };
     let stdout = drain(child.stdout.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
     let stderr = drain(child.stderr.take().map(|p| Box::new(p) as Box<dyn Read + Send>));
@@ -464,7 +466,10 @@ pub fn wait_within(mut child: Child, limit: Duration, what: &str) -> Output {
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let (stdout, stderr) = (stdout.join().unwrap_or_default(), stderr.join().unwrap_or_default());
+    // A process the child left behind may hold its pipes open: wait for the output
+    // a little longer, then go on without it.
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| rx.recv_timeout(Duration::from_secs(10)).unwrap_or_default();
+    let (stdout, stderr) = (collect(stdout), collect(stderr));
     match status {
         Some(status) => Output { status, stdout, stderr },
         None => panic!(
@@ -576,5 +581,31 @@ impl<'d> Flake<'d> {
         std::fs::write(self.d.host_path("flake/params.nix"), params).unwrap();
         self.git(&format!("git add -A && git commit -qm 'commit {}'", self.commits));
         format!("git+file://{}", self.d.inner_path("flake"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_command_is_run_to_completion_with_its_output() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo out; echo err >&2; exit 3"]);
+        let out = output_within(cmd, Duration::from_secs(30));
+        assert_eq!((out.status.code(), &out.stdout[..], &out.stderr[..]), (Some(3), &b"out\n"[..], &b"err\n"[..]));
+    }
+
+    #[test]
+    fn a_command_past_its_limit_is_killed_and_named() {
+        let mut cmd = Command::new("sh");
+        cmd.args(["-c", "echo started; exec sleep 60"]);
+        let started = Instant::now();
+        let panic =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| output_within(cmd, Duration::from_millis(300))))
+                .unwrap_err();
+        let message = panic.downcast_ref::<String>().unwrap();
+        assert!(message.contains("sleep 60") && message.contains("started"), "{message}");
+        assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
     }
 }
