@@ -709,6 +709,9 @@ impl<'c, T: Send + 'static> Call<'c, T> {
     /// to the next call that waits; if the request cannot be sent, or the connection
     /// ends first, the handler gets that error. The handler runs on the connection's
     /// reader (or on whichever thread drops the request): it must not block.
+    /// Handlers of answered requests run in request order; when the connection
+    /// breaks, those of the requests it fails may run in any order (one refused
+    /// after the break before one still queued for the writer).
     pub async fn send_then(self, handler: impl FnOnce(Result<T>) + Send + 'static) {
         let client = self.client;
         if let Some(msg) = self.handled(Box::new(handler)) {
