@@ -17,6 +17,7 @@
 //!
 //!     cargo run --release -p store-tests --bin ssh-bench -- [--n N] [--rounds R]
 //!         [--rtt MS[,MS…]] [--paths P] [--clients nix-bin,cxx,rust] [--daemon stock|fork]
+//!         [--parts eval,copy,info]
 //!
 //! `--share-connections` makes the clients share one ssh connection per run
 //! (`ControlMaster`, `ControlPersist`), as a user running many commands against one
@@ -25,7 +26,8 @@
 //! `--daemon fork` puts the fork's daemon behind sshd instead (which serves
 //! AddTempRoots, one request per batch where the stock daemon takes one per path).
 //! `--clients` picks some of the three (the first one picked is the speed-up's
-//! reference), and `--paths 0` leaves out the closure.
+//! reference), `--parts` some of `eval`, `copy` and `info` (the copy is made, untimed,
+//! even when only `info` is asked for), and `--paths 0` leaves out the closure.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
@@ -41,6 +43,13 @@ struct Args {
     clients: Vec<String>,
     daemon: Nix,
     share: bool,
+    parts: Vec<String>,
+}
+
+impl Args {
+    fn part(&self, name: &str) -> bool {
+        self.parts.iter().any(|p| p == name)
+    }
 }
 
 fn args() -> Args {
@@ -52,6 +61,7 @@ fn args() -> Args {
         clients: vec!["nix-bin".into(), "cxx".into(), "rust".into()],
         daemon: Nix::V2_26,
         share: false,
+        parts: vec!["eval".into(), "copy".into(), "info".into()],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -66,6 +76,12 @@ fn args() -> Args {
             "--rtt" => a.rtts = value().split(',').map(|s| s.parse().expect("--rtt MS[,MS…]")).collect(),
             "--paths" => a.paths = value().parse().expect("--paths P"),
             "--clients" => a.clients = value().split(',').map(str::to_owned).collect(),
+            "--parts" => {
+                a.parts = value().split(',').map(str::to_owned).collect();
+                for p in &a.parts {
+                    assert!(["eval", "copy", "info"].contains(&p.as_str()), "--parts: '{p}' is not eval, copy or info");
+                }
+            }
             "--daemon" => {
                 a.daemon = match value().as_str() {
                     "stock" => Nix::V2_26,
@@ -148,10 +164,21 @@ fn print_table(title: &str, rows: &[Row]) {
 }
 
 /// Times `run` `rounds` times; turns are the relay's over the last round.
-fn measure(relay: Option<&Relay>, rounds: usize, mut run: impl FnMut(usize) -> Output) -> (Duration, u64) {
+fn measure(relay: Option<&Relay>, rounds: usize, run: impl FnMut(usize) -> Output) -> (Duration, u64) {
+    measure_after(relay, rounds, |_| {}, run)
+}
+
+/// As `measure`, with `prepare` run before each round, untimed.
+fn measure_after(
+    relay: Option<&Relay>,
+    rounds: usize,
+    mut prepare: impl FnMut(usize),
+    mut run: impl FnMut(usize) -> Output,
+) -> (Duration, u64) {
     let mut times = Vec::new();
     let mut turns = 0;
     for round in 0..rounds {
+        prepare(round);
         let before = relay.map(Relay::turns).unwrap_or(0);
         let started = Instant::now();
         check(run(round), "a run");
@@ -190,56 +217,59 @@ fn bench_at(a: &Args, rtt: Duration) {
     let store = sshd.store_uri();
     let ms = rtt.as_millis();
 
-    // Evaluation, every path new (a fresh salt each round), then every path valid.
-    let mut new_rows = Vec::new();
-    let mut valid_rows = Vec::new();
-    let mut connect_rows = Vec::new();
-    for (i, c) in clients(a).iter().enumerate() {
-        let info = c.program("nix");
-        let (time, turns) = measure(Some(&relay), a.rounds, |_| {
-            sshd.client_command(
-                &d,
-                relay.port,
-                &[("NIX_DAEMON_CLIENT", c.daemon_client)],
-                &[&info, "--extra-experimental-features", "nix-command", "store", "info", "--store", &store],
-            )
-            .output()
-            .unwrap()
-        });
-        connect_rows.push(Row { label: c.label.into(), time, turns, paths: 1 });
-        let program = c.program("nix-instantiate");
-        let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
-        let eval = |salt: &str| {
-            sshd.client_command(
-                &d,
-                relay.port,
-                &env,
-                &[&program, "--store", &store, &file, "--arg", "n", &n, "--argstr", "salt", salt],
-            )
-            .output()
-            .unwrap()
-        };
-        let (time, turns) = measure(Some(&relay), a.rounds, |round| eval(&format!("new-{ms}-{i}-{round}")));
-        new_rows.push(Row { label: c.label.into(), time, turns, paths: a.n });
-        let (time, turns) = measure(Some(&relay), a.rounds, |_| eval("valid"));
-        valid_rows.push(Row { label: c.label.into(), time, turns, paths: a.n });
+    if a.part("eval") {
+        // Evaluation, every path new (a fresh salt each round), then every path valid.
+        let mut new_rows = Vec::new();
+        let mut valid_rows = Vec::new();
+        let mut connect_rows = Vec::new();
+        for (i, c) in clients(a).iter().enumerate() {
+            let info = c.program("nix");
+            let (time, turns) = measure(Some(&relay), a.rounds, |_| {
+                sshd.client_command(
+                    &d,
+                    relay.port,
+                    &[("NIX_DAEMON_CLIENT", c.daemon_client)],
+                    &[&info, "--extra-experimental-features", "nix-command", "store", "info", "--store", &store],
+                )
+                .output()
+                .unwrap()
+            });
+            connect_rows.push(Row { label: c.label.into(), time, turns, paths: 1 });
+            let program = c.program("nix-instantiate");
+            let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
+            let eval = |salt: &str| {
+                sshd.client_command(
+                    &d,
+                    relay.port,
+                    &env,
+                    &[&program, "--store", &store, &file, "--arg", "n", &n, "--argstr", "salt", salt],
+                )
+                .output()
+                .unwrap()
+            };
+            let (time, turns) = measure(Some(&relay), a.rounds, |round| eval(&format!("new-{ms}-{i}-{round}")));
+            new_rows.push(Row { label: c.label.into(), time, turns, paths: a.n });
+            let (time, turns) = measure(Some(&relay), a.rounds, |_| eval("valid"));
+            valid_rows.push(Row { label: c.label.into(), time, turns, paths: a.n });
+        }
+        // The same all-valid evaluation through the daemon's socket, for the goal.
+        let local = format!("{FORK_PREFIX}/bin/nix-instantiate");
+        let (time, _) =
+            measure(None, a.rounds, |_| d.nix(&[&local, &file, "--arg", "n", &n, "--argstr", "salt", "valid"]));
+        valid_rows.push(Row { label: "fork, Rust client, local socket".into(), time, turns: 0, paths: a.n });
+        print_table(&format!("{ms} ms: a connection alone (nix store info; turns per connection)"), &connect_rows);
+        print_table(&format!("{ms} ms: nix-instantiate, every path new"), &new_rows);
+        print_table(&format!("{ms} ms: nix-instantiate, every path valid"), &valid_rows);
+        if let Some(rust) = clients(a).iter().position(|c| c.name == "rust") {
+            let remote = valid_rows[rust].time.as_secs_f64();
+            println!(
+                "  Rust client over ssh-ng at {ms} ms / through the local socket: {:.2}x ({:.2}x without one connection's cost)",
+                remote / time.as_secs_f64(),
+                (remote - connect_rows[rust].time.as_secs_f64()) / time.as_secs_f64()
+            );
+        }
     }
-    // The same all-valid evaluation through the daemon's socket, for the goal.
-    let local = format!("{FORK_PREFIX}/bin/nix-instantiate");
-    let (time, _) = measure(None, a.rounds, |_| d.nix(&[&local, &file, "--arg", "n", &n, "--argstr", "salt", "valid"]));
-    valid_rows.push(Row { label: "fork, Rust client, local socket".into(), time, turns: 0, paths: a.n });
-    print_table(&format!("{ms} ms: a connection alone (nix store info; turns per connection)"), &connect_rows);
-    print_table(&format!("{ms} ms: nix-instantiate, every path new"), &new_rows);
-    print_table(&format!("{ms} ms: nix-instantiate, every path valid"), &valid_rows);
-    if let Some(rust) = clients(a).iter().position(|c| c.name == "rust") {
-        let remote = valid_rows[rust].time.as_secs_f64();
-        println!(
-            "  Rust client over ssh-ng at {ms} ms / through the local socket: {:.2}x ({:.2}x without one connection's cost)",
-            remote / time.as_secs_f64(),
-            (remote - connect_rows[rust].time.as_secs_f64()) / time.as_secs_f64()
-        );
-    }
-    if a.paths == 0 {
+    if a.paths == 0 || !(a.part("copy") || a.part("info")) {
         return;
     }
 
@@ -278,8 +308,8 @@ fn bench_at(a: &Args, rtt: Duration) {
             all.extend_from_slice(args);
             sshd.client_command(&d, relay.port, &env, &all).output().unwrap()
         };
-        let (time, turns) = measure(Some(&relay), a.rounds, |_| {
-            // Each round copies into a store that lacks the closure.
+        // Each round copies into a store that lacks the closure; making it so is not timed.
+        let empty = |_| {
             let listed = d.nix(&["nix-store", "-qR", &top]);
             let listed = String::from_utf8(listed.stdout).unwrap();
             let paths: Vec<&str> = listed.lines().collect();
@@ -288,12 +318,20 @@ fn bench_at(a: &Args, rtt: Duration) {
                 del.extend(paths.iter().copied());
                 check(d.nix(&del), "deleting the copied closure");
             }
+        };
+        let (time, turns) = measure_after(Some(&relay), a.rounds, empty, |_| {
             nix(&["copy", "--no-check-sigs", "--from", &source, "--to", &store, &top])
         });
         copy_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
-        let (time, turns) = measure(Some(&relay), a.rounds, |_| nix(&["path-info", "-r", "--store", &store, &top]));
-        info_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
+        if a.part("info") {
+            let (time, turns) = measure(Some(&relay), a.rounds, |_| nix(&["path-info", "-r", "--store", &store, &top]));
+            info_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
+        }
     }
-    print_table(&format!("{ms} ms: nix copy --to ssh-ng://, {closure} paths"), &copy_rows);
-    print_table(&format!("{ms} ms: nix path-info -r --store ssh-ng://, {closure} paths"), &info_rows);
+    if a.part("copy") {
+        print_table(&format!("{ms} ms: nix copy --to ssh-ng://, {closure} paths"), &copy_rows);
+    }
+    if a.part("info") {
+        print_table(&format!("{ms} ms: nix path-info -r --store ssh-ng://, {closure} paths"), &info_rows);
+    }
 }
