@@ -732,3 +732,110 @@ async fn valid_paths_of_a_mixed_set_are_stock_s() {
         assert!(c.query_valid_paths(&BTreeSet::new(), false).await.unwrap().is_empty(), "{nix:?}");
     }
 }
+
+/// The fork parses a store path as stock does, however it is spelt: the daemon
+/// answers IsValidPath, sent by hand with each spelling (canonical or not, in the
+/// store or not, malformed), with the same answer or the same error from each daemon.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_paths_are_parsed_as_stock_parses_them() {
+    use rust_store::protocol::Op;
+    use std::collections::BTreeSet;
+    use std::io::{Read, Write};
+    use std::os::fd::BorrowedFd;
+    require_fork();
+
+    type Sock = std::fs::File;
+    fn read_u64(sock: &mut Sock) -> std::io::Result<u64> {
+        let mut b = [0u8; 8];
+        sock.read_exact(&mut b)?;
+        Ok(u64::from_le_bytes(b))
+    }
+    fn read_string(sock: &mut Sock) -> std::io::Result<String> {
+        let len = read_u64(sock)? as usize;
+        let mut b = vec![0u8; len.next_multiple_of(8)];
+        sock.read_exact(&mut b)?;
+        b.truncate(len);
+        Ok(String::from_utf8(b).unwrap())
+    }
+    /// IsValidPath of `path` on `sock`: "valid", "invalid" or the daemon's error.
+    fn is_valid(sock: &mut Sock, path: &str) -> std::io::Result<String> {
+        let mut req = Vec::new();
+        req.extend_from_slice(&(Op::IsValidPath as u64).to_le_bytes());
+        req.extend_from_slice(&(path.len() as u64).to_le_bytes());
+        req.extend_from_slice(path.as_bytes());
+        req.resize(req.len().next_multiple_of(8), 0);
+        sock.write_all(&req)?;
+        Ok(match read_u64(sock)? {
+            0x616c7473 => if read_u64(sock)? == 1 { "valid" } else { "invalid" }.to_owned(),
+            0x63787470 => {
+                assert_eq!(read_string(sock)?, "Error");
+                let _level = read_u64(sock)?;
+                let _name = read_string(sock)?;
+                let msg = read_string(sock)?;
+                assert_eq!(read_u64(sock)?, 0, "no position");
+                for _ in 0..read_u64(sock)? {
+                    assert_eq!(read_u64(sock)?, 0, "no position");
+                    read_string(sock)?;
+                }
+                format!("error: {msg}")
+            }
+            other => panic!("unexpected message {other:#x} for {path}"),
+        })
+    }
+
+    let mut answers = Vec::new();
+    for nix in [Nix::V2_26, Nix::Fork] {
+        let d = Daemon::start(nix, Trust::Untrusted);
+        let c = d.connect().await;
+        let hello = c.add_text("hello.txt", b"hello\n".to_vec(), &BTreeSet::new()).await.unwrap();
+        let (s, b) = (d.store_dir.as_str().to_owned(), hello.path.to_string());
+        let last = s.rsplit('/').next().unwrap().to_owned();
+        let hash = b[..32].to_owned();
+        let spellings = [
+            format!("{s}/{b}"),
+            format!("{s}//{b}"),
+            format!("{s}/./{b}"),
+            format!("{s}/{b}/"),
+            format!("{s}/../{last}/{b}"),
+            format!("{s}/{b}/sub"),
+            format!("{s}/{b}/.."),
+            format!("{s}x/{b}"),
+            format!("/elsewhere/{b}"),
+            format!("{s}/{hash}-missing"),
+            format!("{s}/{hash}"),
+            format!("{s}/{hash}-"),
+            format!("{s}/{hash}-.."),
+            format!("{s}/{hash}-a b"),
+            format!("{s}/short"),
+            format!("{s}/{}-x", "e".repeat(32)),
+            format!("{s}/"),
+            s.clone(),
+            String::new(),
+        ];
+        // A connection each: the daemon ends one after an error in a request's arguments.
+        let mut replies = Vec::new();
+        for p in spellings {
+            let c = d.connect().await;
+            let lease = c.lease().await.unwrap();
+            let fd = lease.fds().read;
+            let asked = p.clone();
+            let r = tokio::task::spawn_blocking(move || {
+                let fd = unsafe { BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().unwrap();
+                is_valid(&mut Sock::from(fd), &asked).unwrap_or_else(|e| format!("closed: {}", e.kind()))
+            })
+            .await
+            .unwrap();
+            lease.abandon();
+            // The same for either daemon: its own store directory and path hidden.
+            let hide = |x: &str| x.replace(&s, "STORE").replace(&b[33..], "NAME").replace(&hash, "HASH");
+            replies.push(format!("{} -> {}", hide(&p), hide(&r)));
+        }
+        assert!(c.is_valid_path(&hello.path).await.unwrap(), "{nix:?}");
+        answers.push(replies);
+    }
+    let (stock, fork) = (&answers[0], &answers[1]);
+    assert!(stock[..5].iter().all(|a| a.ends_with("-> valid")), "{stock:#?}");
+    assert!(stock[5..].iter().all(|a| !a.ends_with("-> valid")), "{stock:#?}");
+    assert_eq!(stock, fork);
+}
