@@ -839,3 +839,68 @@ async fn store_paths_are_parsed_as_stock_parses_them() {
     assert!(stock[5..].iter().all(|a| !a.ends_with("-> valid")), "{stock:#?}");
     assert_eq!(stock, fork);
 }
+
+/// A batch that mixes paths already valid, paths whose files an interrupted
+/// addition left behind unregistered, and new paths: each daemon leaves the valid
+/// ones as they were (neither restored again nor registered again), replaces what
+/// was left behind, and adds the new ones. The fork's daemon looks at a path's
+/// files before asking its database whether the path is valid.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn a_batch_of_valid_left_over_and_new_paths_is_handled_as_stock_handles_it() {
+    use rust_store::hash::{Hash, HashAlgo};
+    use rust_store::nar;
+    use rust_store::store_path::{ContentAddress, ContentAddressMethod};
+    use rust_store::types::ValidPathInfo;
+
+    against_each_daemon(|nix| {
+        let d = Daemon::start(nix, Trust::Untrusted);
+        let item = |name: &str| {
+            let contents = format!("{name} of a batch");
+            let ca = ContentAddress {
+                method: ContentAddressMethod::Text,
+                hash: Hash::digest(HashAlgo::Sha256, contents.as_bytes()),
+            };
+            let path = d.store_dir.make_fixed_output_path_from_ca(name, &ca, &Default::default(), false).unwrap();
+            let nar = nar::dump_flat_file_contents(contents.as_bytes());
+            let mut info = UnkeyedValidPathInfo::new(Hash::digest(HashAlgo::Sha256, &nar), nar.len() as u64);
+            info.ca = Some(ca);
+            (ValidPathInfo { path, info }, nar)
+        };
+        let valid: Vec<_> = (0..3).map(|i| item(&format!("valid-{i}"))).collect();
+        let left: Vec<_> = (0..3).map(|i| item(&format!("left-{i}"))).collect();
+        let new: Vec<_> = (0..3).map(|i| item(&format!("new-{i}"))).collect();
+        tokio::runtime::Runtime::new().unwrap().block_on(async {
+            let c = d.connect().await;
+            c.add_multiple_to_store(&valid, false, false).await.unwrap();
+            let mut before = Vec::new();
+            for (v, _) in &valid {
+                before.push(c.query_path_info(&v.path).await.unwrap().unwrap());
+            }
+            // What an interrupted addition leaves: files, and no registration.
+            for (v, _) in &left {
+                std::fs::write(d.real_path(&d.store_dir.print(&v.path)), "half written").unwrap();
+            }
+            // A registration time of its own for anything registered again.
+            std::thread::sleep(Duration::from_millis(1100));
+            let mut batch = Vec::new();
+            for i in 0..3 {
+                batch.extend([valid[i].clone(), left[i].clone(), new[i].clone()]);
+            }
+            c.add_multiple_to_store(&batch, false, false).await.unwrap();
+            for ((v, _), was) in valid.iter().zip(&before) {
+                let now = c.query_path_info(&v.path).await.unwrap().unwrap();
+                assert_eq!(now.registration_time, was.registration_time, "{nix:?}: registered again");
+            }
+            for (v, _) in left.iter().chain(&new) {
+                let info = c.query_path_info(&v.path).await.unwrap().expect("valid after the batch");
+                assert_eq!(info.nar_hash, v.info.nar_hash, "{nix:?}");
+            }
+            for (v, _) in &left {
+                let contents = std::fs::read_to_string(d.real_path(&d.store_dir.print(&v.path))).unwrap();
+                assert!(contents.ends_with("of a batch"), "{nix:?}: {contents}");
+            }
+        });
+        d.nix_ok(&["nix-store", "--verify", "--check-contents"]);
+    });
+}
