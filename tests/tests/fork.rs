@@ -904,3 +904,60 @@ fn a_batch_of_valid_left_over_and_new_paths_is_handled_as_stock_handles_it() {
         d.nix_ok(&["nix-store", "--verify", "--check-contents"]);
     });
 }
+
+/// A connection of the fork's daemon that waits for the store's database, while
+/// another process holds its write lock, ends when its client goes away: it waits
+/// in short sleeps that give up once the connection is interrupted, where SQLite's
+/// busy timeout would wait for the lock for up to an hour. Once the lock is released
+/// the daemon adds paths again.
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+#[test]
+fn a_connection_waiting_for_the_database_ends_with_its_client() {
+    use std::io::{BufRead, BufReader, Write};
+    use std::process::Stdio;
+    require_fork();
+    let d = Daemon::start(Nix::Fork, Trust::Untrusted);
+    // Another process holds the database's write lock, as a long transaction does.
+    let mut holder = std::process::Command::new("chroot")
+        .arg(store_tests::nix_root(Nix::Fork))
+        .args(["sqlite3", &d.inner_path("var/nix/db/db.sqlite")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sqlite3");
+    let mut to_holder = holder.stdin.take().unwrap();
+    writeln!(to_holder, "BEGIN IMMEDIATE; SELECT 'locked';").unwrap();
+    let mut line = String::new();
+    BufReader::new(holder.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "locked", "sqlite3 did not take the database's write lock");
+    // The C++ client waits for each addition, so its connection waits for the lock.
+    let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let add = |text: &str| {
+        let expr = format!("builtins.toFile \"held\" \"{text}\"");
+        d.command_as(client_user(), &[("NIX_DAEMON_CLIENT", "cxx")], &[&program, "--eval", "--read-write-mode", "-E", &expr])
+    };
+    let mut client = add("waits").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while d.workers().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(
+        !d.workers().is_empty() && client.try_wait().unwrap().is_none(),
+        "the addition ended while the database was locked"
+    );
+    let _ = client.kill();
+    let _ = client.wait();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !d.workers().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let waiting = d.workers();
+    // sqlite3 rolls back and exits at the end of its input.
+    drop(to_holder);
+    let _ = holder.wait();
+    assert!(waiting.is_empty(), "the connection of a client that went away still waits for the database");
+    let out = store_tests::output_within(add("added"), COMMAND_LIMIT);
+    assert!(out.status.success(), "adding after the lock was released: {}", String::from_utf8_lossy(&out.stderr));
+}
