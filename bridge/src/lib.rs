@@ -1,15 +1,20 @@
 //! The bridge through which Nix's C++ (libstore's `RustDaemonStore`) uses rust-store.
 //!
 //! `RustDaemonStore` is a `RemoteStore`: its operations are Nix's own, and it makes
-//! its connections itself, handshake and settings included. The first one it uses
-//! it hands to this side ([`adopt_daemon_connection`]), which keeps a pipelined
-//! client on the same socket for the requests nobody waits for:
+//! its connections itself, handshake and settings included. It makes a client here
+//! ([`new_daemon_connection`]) and hands it the first connection it uses
+//! ([`DaemonConnection::attach`]); the client keeps a pipelined connection on the
+//! same socket for the requests nobody waits for:
 //!
 //! - [`DaemonConnection::add_temp_root`]: sent without waiting, at most once per path
 //!   and connection (temp roots last as long as the connection);
 //! - [`DaemonConnection::add_ca`]: a content-addressed addition at a store path C++
 //!   has computed; rust-store's [`Uploads`] roots the path, checks its validity in a
 //!   batch and uploads it only if the daemon lacks it, all behind the caller.
+//!
+//! An `ssh-ng://` store makes that connection in the background, while the
+//! evaluation goes on: until it is attached, additions and roots are held in order
+//! ([`Link`]), and every call that needs the daemon waits for it.
 //!
 //! Every operation of C++'s own takes the socket for itself
 //! ([`DaemonConnection::begin_lease`], [`DaemonConnection::end_lease`]) once
@@ -30,10 +35,12 @@
 //! Calls block the calling C++ thread; the connection's tasks run on a runtime this
 //! crate owns.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, Mutex, Once, OnceLock, Weak};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once, OnceLock, Weak};
 
 use rust_store::codec::{Ctx, Encoder};
 use rust_store::connection::Lease;
@@ -61,7 +68,7 @@ mod ffi {
         NotTrusted,
     }
 
-    /// What the handshake on a connection learnt, for [`adopt_daemon_connection`].
+    /// What the handshake on a connection learnt, for [`DaemonConnection::attach`].
     struct Handshake {
         /// The negotiated protocol version, as the wire encodes it.
         protocol_version: u64,
@@ -94,21 +101,31 @@ mod ffi {
     extern "Rust" {
         type DaemonConnection;
 
-        /// Takes over a connection C++ has opened and handshaken, between two
-        /// requests: `read_fd` and `write_fd` (duplicated; the caller keeps its own)
-        /// are its socket, passed twice, or the pipes of the process it talks to
-        /// (`ssh`). `peer` names the other end in messages ("" for the local daemon).
+        /// A client for the connection C++ is making, or has made, to `peer` (""
+        /// for the local daemon), which names the other end in messages.
         /// `store_dir` is the store directory paths are printed with;
         /// `max_pending_bytes` bounds the contents held for additions the daemon
-        /// has not confirmed yet.
-        fn adopt_daemon_connection(
-            read_fd: i32,
-            write_fd: i32,
-            peer: &str,
-            handshake: Handshake,
-            store_dir: &str,
-            max_pending_bytes: u64,
-        ) -> Result<Box<DaemonConnection>>;
+        /// has not confirmed yet. Until `attach` or `fail`, additions and roots
+        /// are held, in order, within the same bound, and every call that needs
+        /// the daemon waits.
+        fn new_daemon_connection(peer: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>>;
+
+        /// Takes over the connection C++ has opened and handshaken, between two
+        /// requests: `read_fd` and `write_fd` (duplicated; the caller keeps its
+        /// own) are its socket, passed twice, or the pipes of the process it talks
+        /// to (`ssh`). What was held is sent on it first, in order. Fails if the
+        /// client has a connection already or was told `fail`; a failure here
+        /// fails every later call too.
+        fn attach(self: &DaemonConnection, read_fd: i32, write_fd: i32, handshake: Handshake) -> Outcome;
+
+        /// Says that the connection could not be made: what was held is dropped,
+        /// and every later call fails with `message`, which should name the peer.
+        /// Nothing if the client has a connection already.
+        fn fail(self: &DaemonConnection, message: &str);
+
+        /// Whether the connection could not be made and a call has returned why:
+        /// the client is done with, and the next connection needs a new one.
+        fn given_up(self: &DaemonConnection) -> bool;
 
         /// Takes the socket for one of C++'s own operations: waits until every
         /// earlier addition is resolved and every request before answered, then
@@ -351,62 +368,211 @@ fn complete(f: impl FnOnce() + Send + 'static) {
 
 /// The pipelined client on a connection of the C++ store's, and the uploads on it.
 pub struct DaemonConnection {
-    uploads: Arc<Uploads>,
+    link: Arc<Link>,
     runtime: &'static Runtime,
     /// The socket while one of C++'s operations has it.
     lease: Mutex<Option<Lease>>,
 }
 
-/// The connections that exist, for [`flush_live_connections`].
-static LIVE: Mutex<Vec<Weak<Uploads>>> = Mutex::new(Vec::new());
-
-/// Flushes every connection still open, stopping at the first failure.
-fn flush_all() -> Result<(), Error> {
-    let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
-    let runtime = runtime().map_err(Error::Internal)?;
-    for uploads in live {
-        wait(runtime, async move { uploads.flush().await }).map_err(Error::Internal)??;
-    }
-    Ok(())
-}
-
-/// Flushes every connection still open when the process exits, so that additions
-/// made without waiting reach the daemon even if their store is never closed (a
-/// program on the C API that exits holding it, say). A failure can only be logged
-/// here: the exit status is decided.
-extern "C" fn flush_live_connections() {
-    if let Err(e) = flush_all() {
-        eprintln!("error: {e}");
-    }
-}
-
-fn flush_live() -> Outcome {
-    outcome("flush_live", || done(flush_all()))
-}
-
-/// Registers [`flush_live_connections`] once, and `uploads` in [`LIVE`].
-fn register(uploads: &Arc<Uploads>) {
-    static HOOKED: Once = Once::new();
-    HOOKED.call_once(|| {
-        // If it cannot be registered, closing each store still flushes it.
-        let _ = unsafe { libc::atexit(flush_live_connections) };
-    });
-    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
-    live.retain(|w| w.strong_count() > 0);
-    live.push(Arc::downgrade(uploads));
-}
-
-fn adopt_daemon_connection(
-    read_fd: i32,
-    write_fd: i32,
-    peer: &str,
-    handshake: ffi::Handshake,
-    store_dir: &str,
+/// A client's way to its connection, which C++ may still be making: an `ssh-ng://`
+/// store connects in the background while the evaluation goes on. Additions and
+/// roots made meanwhile are held here, and handed to the uploads, in the order they
+/// came, once the connection is there; every call that needs the daemon waits.
+struct Link {
+    /// The other end, for messages.
+    peer: String,
+    store_dir: StoreDir,
     max_pending_bytes: u64,
-) -> Result<Box<DaemonConnection>, String> {
-    guard("adopt", || {
-        let runtime = runtime()?;
-        let store_dir = StoreDir::new(store_dir).map_err(|e| e.to_string())?;
+    state: Mutex<LinkState>,
+    /// Notified when `state` stops being [`LinkState::Connecting`].
+    changed: Condvar,
+    /// How many additions and roots were held while connecting, for the counters.
+    held_while_connecting: AtomicU64,
+}
+
+enum LinkState {
+    Connecting(Held),
+    Up(Arc<Uploads>),
+    /// The connection could not be made: every call fails with `message`. `told`
+    /// once a call has returned it (not `attach`), or if nothing was held: the
+    /// client is given up, and C++ makes a new one for its next connection.
+    Failed {
+        message: String,
+        told: bool,
+    },
+}
+
+/// The work made before there was a connection.
+#[derive(Default)]
+struct Held {
+    /// In the order it came.
+    work: Vec<Early>,
+    /// Bytes of contents in `work`, at most the connection's bound (or one addition).
+    bytes: u64,
+    /// The hashes of the paths `work` adds.
+    added: HashSet<[u8; 20]>,
+}
+
+enum Early {
+    Add { base_name: String, method: String, references: Vec<String>, data: Vec<u8> },
+    Root(StorePath),
+}
+
+impl Link {
+    fn state(&self) -> MutexGuard<'_, LinkState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The uploads on the connection; waits while it is being made. If it could not
+    /// be made, returns why, for the caller to tell.
+    fn uploads(&self) -> Result<Arc<Uploads>, String> {
+        self.wait_connected(true)
+    }
+
+    /// Like [`Link::uploads`], for a caller that does not tell the failure.
+    fn uploads_quietly(&self) -> Option<Arc<Uploads>> {
+        self.wait_connected(false).ok()
+    }
+
+    fn wait_connected(&self, tell: bool) -> Result<Arc<Uploads>, String> {
+        let mut state = self.state();
+        loop {
+            match &mut *state {
+                LinkState::Connecting(_) => state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner()),
+                LinkState::Up(uploads) => return Ok(uploads.clone()),
+                LinkState::Failed { message, told } => {
+                    *told |= tell;
+                    return Err(message.clone());
+                }
+            }
+        }
+    }
+
+    /// Whether the connection could not be made and the failure has been told.
+    fn given_up(&self) -> bool {
+        matches!(&*self.state(), LinkState::Failed { told: true, .. })
+    }
+
+    /// The uploads, if the connection is there; never waits.
+    fn uploads_now(&self) -> Option<Arc<Uploads>> {
+        match &*self.state() {
+            LinkState::Up(uploads) => Some(uploads.clone()),
+            _ => None,
+        }
+    }
+
+    /// Holds `early`, with `bytes` of contents, while the connection is being made;
+    /// waits for the connection instead if that would hold more than the bound.
+    /// Returns the uploads to hand it to if the connection is there.
+    fn hold(&self, early: Early, bytes: u64) -> Result<Option<Arc<Uploads>>, String> {
+        let mut state = self.state();
+        loop {
+            match &mut *state {
+                LinkState::Connecting(held) => {
+                    if held.work.is_empty() || held.bytes + bytes <= self.max_pending_bytes {
+                        if let Early::Add { base_name, .. } = &early {
+                            held.added.extend(StorePath::check_base_name(base_name).ok());
+                        }
+                        held.work.push(early);
+                        held.bytes += bytes;
+                        self.held_while_connecting.fetch_add(1, Relaxed);
+                        return Ok(None);
+                    }
+                    state = self.changed.wait(state).unwrap_or_else(|p| p.into_inner());
+                }
+                LinkState::Up(uploads) => return Ok(Some(uploads.clone())),
+                LinkState::Failed { message, told } => {
+                    *told = true;
+                    return Err(message.clone());
+                }
+            }
+        }
+    }
+
+    /// Whether the path with this hash was added on this connection and has not
+    /// failed; while connecting, whether an addition of it is held.
+    fn was_added(&self, hash: &[u8; 20]) -> bool {
+        match &*self.state() {
+            LinkState::Connecting(held) => held.added.contains(hash),
+            LinkState::Up(uploads) => uploads.was_added(hash),
+            LinkState::Failed { .. } => false,
+        }
+    }
+
+    /// Makes the client on the connection C++ has made, hands it what was held, in
+    /// order, and lets every call through; or, if it cannot be made, fails them all.
+    fn attach(
+        &self,
+        runtime: &Runtime,
+        read_fd: RawFd,
+        write_fd: RawFd,
+        handshake: ffi::Handshake,
+    ) -> Result<(), String> {
+        self.check_connecting()?;
+        let made = self.open_uploads(runtime, read_fd, write_fd, handshake);
+        let mut state = self.state();
+        self.check_connecting_in(&state)?;
+        let LinkState::Connecting(held) = &mut *state else { unreachable!() };
+        let held = std::mem::take(held);
+        let result = match made {
+            Ok(uploads) => {
+                // Under the lock: whatever comes next goes after what was held.
+                for early in held.work {
+                    let r = match early {
+                        Early::Add { base_name, method, references, data } => {
+                            uploads.add_computed_blocking(&base_name, &method, &references, &data)
+                        }
+                        Early::Root(path) => uploads.add_temp_root(&path),
+                    };
+                    // Its caller was told it went without waiting: the next call
+                    // that waits reports it.
+                    if let Err(e) = r {
+                        uploads.client().failure_sink().defer(e);
+                    }
+                }
+                *state = LinkState::Up(uploads);
+                Ok(())
+            }
+            Err(message) => {
+                *state = LinkState::Failed { message: message.clone(), told: held.work.is_empty() };
+                Err(message)
+            }
+        };
+        self.changed.notify_all();
+        result
+    }
+
+    /// Fails unless the connection is still being made.
+    fn check_connecting(&self) -> Result<(), String> {
+        self.check_connecting_in(&self.state())
+    }
+
+    fn check_connecting_in(&self, state: &LinkState) -> Result<(), String> {
+        match state {
+            LinkState::Connecting(_) => Ok(()),
+            LinkState::Up(_) => Err(format!("the client for {} has a connection already", self.peer)),
+            LinkState::Failed { message, .. } => Err(message.clone()),
+        }
+    }
+
+    fn fail(&self, message: &str) {
+        let mut state = self.state();
+        if let LinkState::Connecting(held) = &*state {
+            if !held.work.is_empty() {
+                tracing::debug!("{} additions and roots for {} dropped: {message}", held.work.len(), self.peer);
+            }
+            *state = LinkState::Failed { message: message.to_owned(), told: held.work.is_empty() };
+            self.changed.notify_all();
+        }
+    }
+
+    fn open_uploads(
+        &self,
+        runtime: &Runtime,
+        read_fd: RawFd,
+        write_fd: RawFd,
+        handshake: ffi::Handshake,
+    ) -> Result<Arc<Uploads>, String> {
         let version = Version::from_wire(handshake.protocol_version);
         let info = DaemonInfo {
             version,
@@ -419,23 +585,112 @@ fn adopt_daemon_connection(
             },
             features: handshake.features.into_iter().collect(),
         };
-        let peer = if peer.is_empty() { LOCAL_DAEMON.to_owned() } else { peer.to_owned() };
+        let peer = self.peer.clone();
         let dup = |fd| dup_fd(fd).map_err(|e| format!("cannot take over the connection to {peer}: {e}"));
         let read = dup(read_fd)?;
         let write = if write_fd == read_fd { None } else { Some(dup(write_fd)?) };
         // C++ has sent SetOptions itself, with Nix's settings.
-        let options =
-            ConnectOptions { store_dir, logger: Arc::new(CxxLogger), settings: None, ..ConnectOptions::default() };
-        let upload_options = UploadOptions { max_pending_bytes, ..upload_tuning() };
+        let options = ConnectOptions {
+            store_dir: self.store_dir.clone(),
+            logger: Arc::new(CxxLogger),
+            settings: None,
+            ..ConnectOptions::default()
+        };
+        let upload_options = UploadOptions { max_pending_bytes: self.max_pending_bytes, ..upload_tuning() };
         let uploads = wait(runtime, async move {
             let transport = Transport::from_fds(read, write, peer)?;
             let client = Client::adopt(transport, info, options).await?;
             Ok::<_, Error>(Uploads::new(client, upload_options))
         })?
-        .map_err(|e| e.to_string())?;
-        let uploads = Arc::new(uploads);
-        register(&uploads);
-        Ok(Box::new(DaemonConnection { uploads, runtime, lease: Mutex::new(None) }))
+        .map_err(|e| format!("cannot take over the connection to {}: {e}", self.peer))?;
+        Ok(Arc::new(uploads))
+    }
+}
+
+/// The clients that exist, for [`flush_live_connections`].
+static LIVE: Mutex<Vec<Weak<Link>>> = Mutex::new(Vec::new());
+
+/// Why [`flush_all`] stopped.
+enum Unflushed {
+    /// A request failed.
+    Request(Error),
+    /// A client's connection could not be made.
+    NoConnection(String),
+}
+
+impl Unflushed {
+    fn outcome(&self) -> Outcome {
+        match self {
+            Unflushed::Request(e) => failed(e),
+            Unflushed::NoConnection(message) => failed_msg(message),
+        }
+    }
+}
+
+impl std::fmt::Display for Unflushed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unflushed::Request(e) => e.fmt(f),
+            Unflushed::NoConnection(message) => f.write_str(message),
+        }
+    }
+}
+
+/// Flushes every client still open, waiting for connections still being made;
+/// stops at the first failure.
+fn flush_all() -> Result<(), Unflushed> {
+    let live: Vec<_> = LIVE.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
+    let runtime = runtime().map_err(|e| Unflushed::Request(Error::Internal(e)))?;
+    for link in live {
+        let uploads = link.uploads().map_err(Unflushed::NoConnection)?;
+        wait(runtime, async move { uploads.flush().await })
+            .map_err(|e| Unflushed::Request(Error::Internal(e)))?
+            .map_err(Unflushed::Request)?;
+    }
+    Ok(())
+}
+
+/// Flushes every client still open when the process exits, so that additions
+/// made without waiting reach the daemon even if their store is never closed (a
+/// program on the C API that exits holding it, say). A failure can only be logged
+/// here: the exit status is decided.
+extern "C" fn flush_live_connections() {
+    if let Err(e) = flush_all() {
+        eprintln!("error: {e}");
+    }
+}
+
+fn flush_live() -> Outcome {
+    outcome("flush_live", || match flush_all() {
+        Ok(()) => ok(Vec::new()),
+        Err(e) => e.outcome(),
+    })
+}
+
+/// Registers [`flush_live_connections`] once, and `link` in [`LIVE`].
+fn register(link: &Arc<Link>) {
+    static HOOKED: Once = Once::new();
+    HOOKED.call_once(|| {
+        // If it cannot be registered, closing each store still flushes it.
+        let _ = unsafe { libc::atexit(flush_live_connections) };
+    });
+    let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.retain(|w| w.strong_count() > 0);
+    live.push(Arc::downgrade(link));
+}
+
+fn new_daemon_connection(peer: &str, store_dir: &str, max_pending_bytes: u64) -> Result<Box<DaemonConnection>, String> {
+    guard("new_daemon_connection", || {
+        let link = Arc::new(Link {
+            peer: if peer.is_empty() { LOCAL_DAEMON.to_owned() } else { peer.to_owned() },
+            store_dir: StoreDir::new(store_dir).map_err(|e| e.to_string())?,
+            max_pending_bytes,
+            state: Mutex::new(LinkState::Connecting(Held::default())),
+            changed: Condvar::new(),
+            held_while_connecting: AtomicU64::new(0),
+        });
+        register(&link);
+        Ok(Box::new(DaemonConnection { link, runtime: runtime()?, lease: Mutex::new(None) }))
     })?
 }
 
@@ -472,10 +727,35 @@ fn done(r: Result<(), Error>) -> Outcome {
     }
 }
 
+/// Unwraps the uploads of a connection, or returns the outcome of its failure.
+macro_rules! uploads_or_fail {
+    ($e:expr) => {
+        match $e {
+            Ok(uploads) => uploads,
+            Err(message) => return failed_msg(&message),
+        }
+    };
+}
+
 impl DaemonConnection {
+    fn attach(&self, read_fd: i32, write_fd: i32, handshake: ffi::Handshake) -> Outcome {
+        outcome("attach", || match self.link.attach(self.runtime, read_fd, write_fd, handshake) {
+            Ok(()) => ok(Vec::new()),
+            Err(message) => failed_msg(&message),
+        })
+    }
+
+    fn fail(&self, message: &str) {
+        let _ = guard("fail", || self.link.fail(message));
+    }
+
+    fn given_up(&self) -> bool {
+        guard("given_up", || self.link.given_up()).unwrap_or(false)
+    }
+
     fn begin_lease(&self) -> Outcome {
         outcome("begin_lease", || {
-            let uploads = self.uploads.clone();
+            let uploads = uploads_or_fail!(self.link.uploads());
             match self.wait(async move { uploads.lease().await }) {
                 Ok(lease) => {
                     let mut held = self.lease.lock().unwrap_or_else(|p| p.into_inner());
@@ -505,34 +785,59 @@ impl DaemonConnection {
 
     fn add_temp_root(&self, path: &str) -> Outcome {
         outcome("add_temp_root", || {
-            let path = match self.uploads.client().store_dir().parse(path) {
+            let path = match self.link.store_dir.parse(path) {
                 Ok(p) => p,
                 Err(e) => return failed_msg(&e.to_string()),
             };
-            done(self.uploads.add_temp_root(&path))
+            match uploads_or_fail!(self.link.hold(Early::Root(path.clone()), 0)) {
+                Some(uploads) => done(uploads.add_temp_root(&path)),
+                None => ok(Vec::new()),
+            }
         })
     }
 
     fn add_ca(&self, base_name: &str, method: &str, references: Vec<String>, data: &[u8]) -> Outcome {
-        outcome("add_ca", || done(self.uploads.add_computed_blocking(base_name, method, &references, data)))
+        outcome("add_ca", || {
+            if let Some(uploads) = self.link.uploads_now() {
+                return done(uploads.add_computed_blocking(base_name, method, &references, data));
+            }
+            // Refused now what the uploads would refuse once connected.
+            if let Some(e) = std::iter::once(base_name)
+                .chain(references.iter().map(String::as_str))
+                .find_map(|b| StorePath::check_base_name(b).err())
+            {
+                return failed(&Error::from(e));
+            }
+            let early = Early::Add {
+                base_name: base_name.to_owned(),
+                method: method.to_owned(),
+                references: references.clone(),
+                data: data.to_vec(),
+            };
+            match uploads_or_fail!(self.link.hold(early, data.len() as u64)) {
+                Some(uploads) => done(uploads.add_computed_blocking(base_name, method, &references, data)),
+                None => ok(Vec::new()),
+            }
+        })
     }
 
     fn flush(&self) -> Outcome {
         outcome("flush", || {
-            let uploads = self.uploads.clone();
+            let uploads = uploads_or_fail!(self.link.uploads());
             done(self.wait(async move { uploads.flush().await }))
         })
     }
 
     fn was_added(&self, base_name: &str) -> bool {
-        guard("was_added", || StorePath::check_base_name(base_name).is_ok_and(|hash| self.uploads.was_added(&hash)))
+        guard("was_added", || StorePath::check_base_name(base_name).is_ok_and(|hash| self.link.was_added(&hash)))
             .unwrap_or(false)
     }
 
     fn held_nar(&self, base_name: &str, nar: &mut Vec<u8>) -> bool {
         guard("held_nar", || {
             let Ok(hash) = StorePath::check_base_name(base_name) else { return false };
-            match self.uploads.held_nar(&hash) {
+            let Some(uploads) = self.link.uploads_quietly() else { return false };
+            match uploads.held_nar(&hash) {
                 Some(held) => {
                     *nar = held;
                     true
@@ -546,7 +851,8 @@ impl DaemonConnection {
     fn held_path_info(&self, base_name: &str, out: &mut ffi::HeldPathInfo) -> bool {
         guard("held_path_info", || {
             let Ok(hash) = StorePath::check_base_name(base_name) else { return false };
-            let Some(held) = self.uploads.held_info(&hash) else { return false };
+            let Some(uploads) = self.link.uploads_quietly() else { return false };
+            let Some(held) = uploads.held_info(&hash) else { return false };
             let info = &held.info;
             *out = ffi::HeldPathInfo {
                 nar_hash: info.nar_hash.to_base16(),
@@ -564,11 +870,10 @@ impl DaemonConnection {
             // Not a path this connection added: nothing to wait for; the caller's
             // read says what is wrong with it.
             let Ok(hash) = StorePath::check_base_name(base_name) else { return ok(Vec::new()) };
-            let uploads = &self.uploads;
+            let uploads = uploads_or_fail!(self.link.uploads());
             if !uploads.is_pending(&hash) && !uploads.client().has_unreported_failure() {
                 return ok(Vec::new());
             }
-            let uploads = uploads.clone();
             done(self.wait(async move {
                 uploads.wait_for(&hash).await?;
                 if uploads.client().has_unreported_failure() { uploads.client().flush().await } else { Ok(()) }
@@ -578,7 +883,7 @@ impl DaemonConnection {
 
     fn query_path_info(&self, path: &str, token: usize) -> Outcome {
         outcome("query_path_info", || {
-            let client = self.uploads.client().clone();
+            let client = uploads_or_fail!(self.link.uploads()).client().clone();
             let path = match client.store_dir().parse(path) {
                 Ok(p) => p,
                 Err(e) => return failed_msg(&e.to_string()),
@@ -621,8 +926,12 @@ impl DaemonConnection {
 
     fn stats_json(&self) -> String {
         guard("stats", || {
-            let s = self.uploads.client().stats();
-            let u = self.uploads.stats();
+            let held_while_connecting = self.link.held_while_connecting.load(Relaxed);
+            let Some(uploads) = self.link.uploads_now() else {
+                return serde_json::json!({ "heldWhileConnecting": held_while_connecting }).to_string();
+            };
+            let s = uploads.client().stats();
+            let u = uploads.stats();
             let by_op: serde_json::Map<String, serde_json::Value> =
                 s.requests.iter().map(|(op, n)| (op.to_string(), (*n).into())).collect();
             let ms = |d: std::time::Duration| d.as_secs_f64() * 1e3;
@@ -636,6 +945,7 @@ impl DaemonConnection {
                 "waitTimeMs": ms(s.wait_time),
                 "backpressureWaits": s.backpressure_waits,
                 "leases": s.leases,
+                "heldWhileConnecting": held_while_connecting,
                 "uploads": {
                     "added": u.added,
                     "repeated": u.repeated,
@@ -666,7 +976,8 @@ impl Drop for DaemonConnection {
     fn drop(&mut self) {
         let _ = guard("close", || {
             drop(self.lease.lock().unwrap_or_else(|p| p.into_inner()).take());
-            let uploads = self.uploads.clone();
+            // C++ attaches a connection, or fails it, before it drops the client.
+            let Some(uploads) = self.link.uploads_now() else { return };
             if let Ok(Err(e)) = wait(self.runtime, async move { uploads.flush().await }) {
                 tracing::error!("daemon connection closed with a failed request: {e}");
             }

@@ -260,3 +260,40 @@ fn an_unreachable_or_refusing_host_is_named_by_either_client() {
         }
     }
 }
+
+/// The Rust client makes an `ssh-ng://` store's connection in the background: the
+/// evaluation goes on meanwhile, its additions held for the connection, which gets
+/// them in order once made. Through a relay adding 100 ms per round trip (ssh's
+/// setup takes a dozen), the evaluation's additions come while it is being made,
+/// and the result is that of the C++ client, which waits for the connection.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn evaluation_goes_on_while_ssh_connects() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(100));
+    let fork = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let stats = d.inner_path("stats.json");
+    let file = d.workload();
+    let mut printed = Vec::new();
+    for (client, salt) in [("rust", "early"), ("cxx", "early"), ("rust", "early-new")] {
+        let cmd = sshd.client_command(
+            &d,
+            relay.port,
+            &[("NIX_DAEMON_CLIENT", client), ("NIX_SHOW_STATS", "1"), ("NIX_SHOW_STATS_PATH", &stats)],
+            &[&fork, "--store", &sshd.store_uri(), &file, "--arg", "n", "100", "--argstr", "salt", salt],
+        );
+        let paths = ok(output_within(cmd, COMMAND_LIMIT), client);
+        d.assert_closure_valid(&paths);
+        if client == "rust" {
+            let s: serde_json::Value =
+                serde_json::from_str(&std::fs::read_to_string(d.host_path("stats.json")).unwrap()).unwrap();
+            let held = s["daemonClient"]["heldWhileConnecting"].as_u64().unwrap_or(0);
+            println!("salt {salt}: {held} held while connecting; {}", s["daemonClient"]);
+            assert!(held > 0, "nothing was held while ssh connected: {}", s["daemonClient"]);
+        }
+        printed.push(paths);
+    }
+    assert_eq!(printed[0], printed[1], "the Rust and the C++ client wrote other paths");
+}
