@@ -935,7 +935,11 @@ fn a_connection_waiting_for_the_database_ends_with_its_client() {
     let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
     let add = |text: &str| {
         let expr = format!("builtins.toFile \"held\" \"{text}\"");
-        d.command_as(client_user(), &[("NIX_DAEMON_CLIENT", "cxx")], &[&program, "--eval", "--read-write-mode", "-E", &expr])
+        d.command_as(
+            client_user(),
+            &[("NIX_DAEMON_CLIENT", "cxx")],
+            &[&program, "--eval", "--read-write-mode", "-E", &expr],
+        )
     };
     let mut client = add("waits").stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
