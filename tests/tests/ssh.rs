@@ -297,3 +297,39 @@ fn evaluation_goes_on_while_ssh_connects() {
     }
     assert_eq!(printed[0], printed[1], "the Rust and the C++ client wrote other paths");
 }
+
+/// While the connection is being made in the background, an evaluation reads back a
+/// file it has just added (here the store's host shares this file system, as with
+/// `ssh-ng://localhost`, so the read waits for that file's addition), and asks the
+/// daemon about a path it did not add (which waits for the connection). What was
+/// held reaches the daemon; each client prints the same.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn reads_and_queries_while_ssh_connects() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(50));
+    let fork = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let eval = |client: &str, expr: &str| {
+        let cmd = sshd.client_command(
+            &d,
+            relay.port,
+            &[("NIX_DAEMON_CLIENT", client)],
+            &[&fork, "--store", &sshd.store_uri(), "--eval", "--read-write-mode", "-E", expr],
+        );
+        let out = ok(output_within(cmd, COMMAND_LIMIT), client);
+        out.concat().trim_matches('"').to_owned()
+    };
+    let existing = eval("cxx", r#"builtins.toFile "existing.nix" "40""#);
+    for client in ["rust", "cxx"] {
+        let expr = format!(
+            r#"let held = builtins.toFile "held-{client}.nix" "1";
+               in "${{held}} ${{toString (import held + import (builtins.storePath "{existing}"))}}""#
+        );
+        let out = eval(client, &expr);
+        let (held, sum) = out.split_once(' ').unwrap_or_else(|| panic!("{client}: printed {out}"));
+        assert_eq!(sum, "41", "{client}");
+        d.nix_ok(&["nix-store", "--check-validity", held]);
+    }
+}
