@@ -163,27 +163,22 @@ fn print_table(title: &str, rows: &[Row]) {
     }
 }
 
-/// Times `run` `rounds` times; turns are the relay's over the last round.
-fn measure(relay: Option<&Relay>, rounds: usize, run: impl FnMut(usize) -> Output) -> (Duration, u64) {
-    measure_after(relay, rounds, |_| {}, run)
+/// Runs `run` once: its wall time, and the relay's turns meanwhile.
+fn time_once(relay: Option<&Relay>, run: impl FnOnce() -> Output) -> (Duration, u64) {
+    let before = relay.map(Relay::turns).unwrap_or(0);
+    let started = Instant::now();
+    check(run(), "a run");
+    (started.elapsed(), relay.map(Relay::turns).unwrap_or(0) - before)
 }
 
-/// As `measure`, with `prepare` run before each round, untimed.
-fn measure_after(
-    relay: Option<&Relay>,
-    rounds: usize,
-    mut prepare: impl FnMut(usize),
-    mut run: impl FnMut(usize) -> Output,
-) -> (Duration, u64) {
+/// Times `run` `rounds` times; turns are the relay's over the last round.
+fn measure(relay: Option<&Relay>, rounds: usize, mut run: impl FnMut(usize) -> Output) -> (Duration, u64) {
     let mut times = Vec::new();
     let mut turns = 0;
     for round in 0..rounds {
-        prepare(round);
-        let before = relay.map(Relay::turns).unwrap_or(0);
-        let started = Instant::now();
-        check(run(round), "a run");
-        times.push(started.elapsed());
-        turns = relay.map(Relay::turns).unwrap_or(0) - before;
+        let (time, t) = time_once(relay, || run(round));
+        times.push(time);
+        turns = t;
     }
     (median(times), turns)
 }
@@ -298,33 +293,51 @@ fn bench_at(a: &Args, rtt: Duration) {
     let top = String::from_utf8(top.stdout).unwrap().trim().trim_matches('"').to_owned();
     let closure = a.paths / 50 * 51 + 1;
 
-    let mut copy_rows = Vec::new();
-    let mut info_rows = Vec::new();
-    for c in clients(a) {
+    let clients = clients(a);
+    let nix = |c: &ClientKind, args: &[&str]| {
         let program = c.program("nix");
-        let env = [("NIX_DAEMON_CLIENT", c.daemon_client)];
-        let nix = |args: &[&str]| {
-            let mut all = vec![program.as_str(), "--extra-experimental-features", "nix-command"];
-            all.extend_from_slice(args);
-            sshd.client_command(&d, relay.port, &env, &all).output().unwrap()
-        };
-        // Each round copies into a store that lacks the closure; making it so is not timed.
-        let empty = |_| {
-            let listed = d.nix(&["nix-store", "-qR", &top]);
-            let listed = String::from_utf8(listed.stdout).unwrap();
-            let paths: Vec<&str> = listed.lines().collect();
-            if !paths.is_empty() {
-                let mut del = vec!["nix-store", "--delete"];
-                del.extend(paths.iter().copied());
-                check(d.nix(&del), "deleting the copied closure");
-            }
-        };
-        let (time, turns) = measure_after(Some(&relay), a.rounds, empty, |_| {
-            nix(&["copy", "--no-check-sigs", "--from", &source, "--to", &store, &top])
-        });
-        copy_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
-        if a.part("info") {
-            let (time, turns) = measure(Some(&relay), a.rounds, |_| nix(&["path-info", "-r", "--store", &store, &top]));
+        let mut all = vec![program.as_str(), "--extra-experimental-features", "nix-command"];
+        all.extend_from_slice(args);
+        sshd.client_command(&d, relay.port, &[("NIX_DAEMON_CLIENT", c.daemon_client)], &all).output().unwrap()
+    };
+    // Each copy goes into a store that lacks the closure; making it so is not timed.
+    let empty = || {
+        let listed = d.nix(&["nix-store", "-qR", &top]);
+        let listed = String::from_utf8(listed.stdout).unwrap();
+        let paths: Vec<&str> = listed.lines().collect();
+        if !paths.is_empty() {
+            let mut del = vec!["nix-store", "--delete"];
+            del.extend(paths.iter().copied());
+            check(d.nix(&del), "deleting the copied closure");
+        }
+    };
+    // The clients take turns, each round in another order: every copy has the daemon
+    // create the files that the one before deleted, and a file system without a
+    // journal slows down with the inodes it freed recently (see tools/fork-bench), so
+    // a client timed after all the others' rounds would be timed on a slower disk.
+    let mut copy_times = vec![Vec::new(); clients.len()];
+    let mut copy_turns = vec![0; clients.len()];
+    for round in 0..a.rounds {
+        for k in 0..clients.len() {
+            let i = (round + k) % clients.len();
+            empty();
+            let (time, turns) = time_once(Some(&relay), || {
+                nix(&clients[i], &["copy", "--no-check-sigs", "--from", &source, "--to", &store, &top])
+            });
+            copy_times[i].push(time);
+            copy_turns[i] = turns;
+        }
+    }
+    let copy_rows: Vec<Row> = clients
+        .iter()
+        .zip(copy_times.into_iter().zip(copy_turns))
+        .map(|(c, (times, turns))| Row { label: c.label.into(), time: median(times), turns, paths: closure })
+        .collect();
+    let mut info_rows = Vec::new();
+    if a.part("info") {
+        for c in &clients {
+            let (time, turns) =
+                measure(Some(&relay), a.rounds, |_| nix(c, &["path-info", "-r", "--store", &store, &top]));
             info_rows.push(Row { label: c.label.into(), time, turns, paths: closure });
         }
     }
