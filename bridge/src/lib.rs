@@ -124,7 +124,7 @@ mod ffi {
         fn fail(self: &DaemonConnection, message: &str);
 
         /// Whether the connection could not be made and a call has returned why:
-        /// the client is done with, and the next connection needs a new one.
+        /// C++ is done with the client, and makes a new one for its next connection.
         fn given_up(self: &DaemonConnection) -> bool;
 
         /// Takes the socket for one of C++'s own operations: waits until every
