@@ -333,3 +333,51 @@ fn reads_and_queries_while_ssh_connects() {
         d.nix_ok(&["nix-store", "--check-validity", held]);
     }
 }
+
+/// Killing `ssh` while the connection is still being made in the background (a
+/// relay adds 200 ms per round trip, so it takes seconds) fails the evaluation,
+/// whose additions were held, with an error naming the host, instead of a hang.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn killing_ssh_while_it_connects_fails_naming_the_host() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(200));
+    let file = d.workload();
+    let program = format!("{FORK_PREFIX}/bin/nix-instantiate");
+    let child = sshd
+        .client_command(
+            &d,
+            relay.port,
+            &[("NIX_DAEMON_CLIENT", "rust")],
+            &[&program, "--store", &sshd.store_uri(), &file, "--arg", "n", "100", "--argstr", "salt", "connecting"],
+        )
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let ssh = loop {
+        assert!(Instant::now() < deadline, "ssh did not start");
+        let ssh = store_tests::children_of(child.id())
+            .into_iter()
+            .flat_map(|p| std::iter::once(p).chain(store_tests::children_of(p)))
+            .find(|p| std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "ssh"));
+        if let Some(ssh) = ssh {
+            break ssh;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(d.workers().is_empty(), "the connection was made already");
+    let killed = Instant::now();
+    store_tests::kill(ssh);
+    let out = wait_within(child, Duration::from_secs(60), "nix-instantiate over ssh");
+    let elapsed = killed.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    println!("the evaluation ended {elapsed:?} after ssh was killed: {stderr}");
+    assert!(!out.status.success());
+    assert!(stderr.contains("root@127.0.0.1"), "{stderr}");
+    assert!(elapsed < Duration::from_secs(10), "took {elapsed:?}");
+}
