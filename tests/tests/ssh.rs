@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use rust_store::Client;
 use rust_store::transport::Transport;
 use store_tests::ssh::{Relay, Sshd};
-use store_tests::{COMMAND_LIMIT, Daemon, FORK_PREFIX, Nix, Trust, output_within, require_fork, wait_within};
+use store_tests::{COMMAND_LIMIT, Daemon, FORK_PREFIX, Flake, Nix, Trust, output_within, require_fork, wait_within};
 
 const HOST: &str = "ssh-ng://root@127.0.0.1";
 
@@ -367,4 +367,37 @@ fn killing_ssh_while_it_connects_fails_naming_the_host() {
     std::thread::sleep(Duration::from_millis(500));
     assert!(d.workers().is_empty(), "the connection was made already");
     kill_ssh_and_expect_the_host_named(child, ssh);
+}
+
+/// `nix eval` of a flake over `ssh-ng://`: the fetcher reads the source it has just
+/// added where the store keeps it, on this file system (which the store's host
+/// shares here; stock 2.26.3 reads flakes over `ssh-ng://` no other way), so that
+/// read waits for the source's addition, over a connection made in the background.
+/// Both clients print the same derivations, and the Rust client's are valid.
+#[test]
+#[cfg_attr(fork_missing, ignore = "the fork is not built: run tools/build-fork")]
+fn the_fork_evaluates_a_flake_over_ssh_ng_with_each_client() {
+    require_fork();
+    let d = Daemon::start(Nix::V2_26, Trust::Trusted);
+    let sshd = Sshd::start(&d);
+    let relay = Relay::start(sshd.port, Duration::from_millis(10));
+    let mut flake = Flake::new(&d);
+    let nix = format!("{FORK_PREFIX}/bin/nix");
+    let mut printed = Vec::new();
+    for client in ["rust", "cxx"] {
+        // A path: reference, as root runs the command and the repository is the
+        // client user's, which git refuses.
+        let reference = flake.commit("workload", 200, "ssh").replace("git+file://", "path:");
+        let target = format!("{reference}#drvPaths");
+        let uri = sshd.store_uri();
+        let args =
+            [&nix, "--extra-experimental-features", "nix-command flakes", "eval", "--json", "--store", &uri, &target];
+        let cmd = sshd.client_command(&d, relay.port, &[("NIX_DAEMON_CLIENT", client)], &args);
+        let out = ok(output_within(cmd, COMMAND_LIMIT), client);
+        let paths: Vec<String> = serde_json::from_str(&out.concat()).unwrap();
+        assert!(paths.len() >= 200, "{client}: {} paths", paths.len());
+        d.assert_closure_valid(&paths);
+        printed.push(paths);
+    }
+    assert_eq!(printed[0], printed[1], "the Rust and the C++ client printed other derivations");
 }
