@@ -3,6 +3,8 @@
 //!
 //! - `nix-instantiate --store ssh-ng://…` of the bundled workload, every path new and
 //!   every path valid, against the same evaluation through the daemon's socket;
+//! - `nix eval --store ssh-ng://…` of it as a flake, every path valid, against the
+//!   same through the socket;
 //! - `nix copy --to ssh-ng://…` of a closure of small paths from a local store;
 //! - `nix path-info -r --store ssh-ng://…` of that closure.
 //!
@@ -17,7 +19,7 @@
 //!
 //!     cargo run --release -p store-tests --bin ssh-bench -- [--n N] [--rounds R]
 //!         [--rtt MS[,MS…]] [--paths P] [--clients nix-bin,cxx,rust] [--daemon stock|fork]
-//!         [--parts eval,copy,info]
+//!         [--parts eval,flake,copy,info]
 //!
 //! `--share-connections` makes the clients share one ssh connection per run
 //! (`ControlMaster`, `ControlPersist`), as a user running many commands against one
@@ -26,14 +28,14 @@
 //! `--daemon fork` puts the fork's daemon behind sshd instead (which serves
 //! AddTempRoots, one request per batch where the stock daemon takes one per path).
 //! `--clients` picks some of the three (the first one picked is the speed-up's
-//! reference), `--parts` some of `eval`, `copy` and `info` (the copy is made, untimed,
+//! reference), `--parts` some of `eval`, `flake`, `copy` and `info` (the copy is made, untimed,
 //! even when only `info` is asked for), and `--paths 0` leaves out the closure.
 
 use std::process::Output;
 use std::time::{Duration, Instant};
 
 use store_tests::ssh::{Relay, Sshd};
-use store_tests::{Daemon, FORK_PREFIX, Nix, Trust, require_fork};
+use store_tests::{Daemon, FORK_PREFIX, Flake, Nix, Trust, require_fork};
 
 struct Args {
     n: usize,
@@ -61,7 +63,7 @@ fn args() -> Args {
         clients: vec!["nix-bin".into(), "cxx".into(), "rust".into()],
         daemon: Nix::V2_26,
         share: false,
-        parts: vec!["eval".into(), "copy".into(), "info".into()],
+        parts: vec!["eval".into(), "flake".into(), "copy".into(), "info".into()],
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -79,7 +81,10 @@ fn args() -> Args {
             "--parts" => {
                 a.parts = value().split(',').map(str::to_owned).collect();
                 for p in &a.parts {
-                    assert!(["eval", "copy", "info"].contains(&p.as_str()), "--parts: '{p}' is not eval, copy or info");
+                    assert!(
+                        ["eval", "flake", "copy", "info"].contains(&p.as_str()),
+                        "--parts: '{p}' is not eval, flake, copy or info"
+                    );
                 }
             }
             "--daemon" => {
@@ -183,6 +188,45 @@ fn measure(relay: Option<&Relay>, rounds: usize, mut run: impl FnMut(usize) -> O
     (median(times), turns)
 }
 
+/// `nix eval --json --store ssh-ng://… <flake>#drvPaths` of the workload as a flake
+/// (bench/flake.nix), every path valid, a new commit each round as CI evaluates
+/// each commit, against the same through the daemon's socket. 2.26.3's fetcher reads
+/// a flake's source on this file system, which the store's host shares here.
+fn bench_flake(a: &Args, d: &Daemon, sshd: &Sshd, relay: &Relay, ms: u128) {
+    let mut flake = Flake::new(d);
+    let n = a.n;
+    // A path: reference: root runs the commands, and git refuses the client user's
+    // repository to root.
+    let mut commit =
+        move || format!("{}#drvPaths", flake.commit("workload", n, "valid").replace("git+file://", "path:"));
+    let eval = |c: &ClientKind, target: &str, store: Option<&str>| {
+        let program = c.program("nix");
+        let mut args = vec![&program, "--extra-experimental-features", "nix-command flakes", "eval", "--json", target];
+        args.extend(store.map(|s| ["--store", s]).into_iter().flatten());
+        sshd.client_command(d, relay.port, &[("NIX_DAEMON_CLIENT", c.daemon_client)], &args).output().unwrap()
+    };
+    let store = sshd.store_uri();
+    let clients = clients(a);
+    let fork_rust =
+        ClientKind { name: "rust", label: "fork, Rust client, local socket", bin: "FORK", daemon_client: "rust" };
+    // Every path valid from the first timed round on.
+    check(eval(&fork_rust, &commit(), None), "the first evaluation of the flake");
+    let mut rows = Vec::new();
+    for c in &clients {
+        let (time, turns) = measure(Some(relay), a.rounds, |_| eval(c, &commit(), Some(&store)));
+        rows.push(Row { label: c.label.into(), time, turns, paths: n });
+    }
+    let (local, _) = measure(None, a.rounds, |_| eval(&fork_rust, &commit(), None));
+    rows.push(Row { label: fork_rust.label.into(), time: local, turns: 0, paths: n });
+    print_table(&format!("{ms} ms: nix eval of a flake, every path valid"), &rows);
+    if let Some(rust) = clients.iter().position(|c| c.name == "rust") {
+        println!(
+            "  Rust client over ssh-ng at {ms} ms / through the local socket: {:.2}x",
+            rows[rust].time.as_secs_f64() / local.as_secs_f64()
+        );
+    }
+}
+
 fn main() {
     let a = args();
     require_fork();
@@ -263,6 +307,9 @@ fn bench_at(a: &Args, rtt: Duration) {
                 (remote - connect_rows[rust].time.as_secs_f64()) / time.as_secs_f64()
             );
         }
+    }
+    if a.part("flake") {
+        bench_flake(a, &d, &sshd, &relay, ms);
     }
     if a.paths == 0 || !(a.part("copy") || a.part("info")) {
         return;
