@@ -414,7 +414,14 @@ struct Held {
 }
 
 enum Early {
-    Add { base_name: String, method: String, references: Vec<String>, data: Vec<u8> },
+    /// An addition, with the hash of its path's base name.
+    Add {
+        hash: [u8; 20],
+        base_name: String,
+        method: String,
+        references: Vec<String>,
+        data: Vec<u8>,
+    },
     Root(StorePath),
 }
 
@@ -470,8 +477,8 @@ impl Link {
             match &mut *state {
                 LinkState::Connecting(held) => {
                     if held.work.is_empty() || held.bytes + bytes <= self.max_pending_bytes {
-                        if let Early::Add { base_name, .. } = &early {
-                            held.added.extend(StorePath::check_base_name(base_name).ok());
+                        if let Early::Add { hash, .. } = &early {
+                            held.added.insert(*hash);
                         }
                         held.work.push(early);
                         held.bytes += bytes;
@@ -508,18 +515,16 @@ impl Link {
         write_fd: RawFd,
         handshake: ffi::Handshake,
     ) -> Result<(), String> {
-        self.check_connecting()?;
+        self.held_mut(&mut self.state())?;
         let made = self.open_uploads(runtime, read_fd, write_fd, handshake);
         let mut state = self.state();
-        self.check_connecting_in(&state)?;
-        let LinkState::Connecting(held) = &mut *state else { unreachable!() };
-        let held = std::mem::take(held);
+        let held = std::mem::take(self.held_mut(&mut state)?);
         let result = match made {
             Ok(uploads) => {
                 // Under the lock: whatever comes next goes after what was held.
                 for early in held.work {
                     let r = match early {
-                        Early::Add { base_name, method, references, data } => {
+                        Early::Add { base_name, method, references, data, .. } => {
                             uploads.add_computed_blocking(&base_name, &method, &references, &data)
                         }
                         Early::Root(path) => uploads.add_temp_root(&path),
@@ -534,7 +539,7 @@ impl Link {
                 Ok(())
             }
             Err(message) => {
-                *state = LinkState::Failed { message: message.clone(), told: held.work.is_empty() };
+                *state = failed_link(&message, &held);
                 Err(message)
             }
         };
@@ -542,14 +547,10 @@ impl Link {
         result
     }
 
-    /// Fails unless the connection is still being made.
-    fn check_connecting(&self) -> Result<(), String> {
-        self.check_connecting_in(&self.state())
-    }
-
-    fn check_connecting_in(&self, state: &LinkState) -> Result<(), String> {
+    /// What is held; fails unless the connection is still being made.
+    fn held_mut<'s>(&self, state: &'s mut LinkState) -> Result<&'s mut Held, String> {
         match state {
-            LinkState::Connecting(_) => Ok(()),
+            LinkState::Connecting(held) => Ok(held),
             LinkState::Up(_) => Err(format!("the client for {} has a connection already", self.peer)),
             LinkState::Failed { message, .. } => Err(message.clone()),
         }
@@ -557,11 +558,12 @@ impl Link {
 
     fn fail(&self, message: &str) {
         let mut state = self.state();
-        if let LinkState::Connecting(held) = &*state {
+        if let Ok(held) = self.held_mut(&mut state) {
+            let held = std::mem::take(held);
             if !held.work.is_empty() {
                 tracing::debug!("{} additions and roots for {} dropped: {message}", held.work.len(), self.peer);
             }
-            *state = LinkState::Failed { message: message.to_owned(), told: held.work.is_empty() };
+            *state = failed_link(message, &held);
             self.changed.notify_all();
         }
     }
@@ -605,6 +607,12 @@ impl Link {
         .map_err(|e| format!("cannot take over the connection to {}: {e}", self.peer))?;
         Ok(Arc::new(uploads))
     }
+}
+
+/// A link whose connection could not be made, with `held` dropped: nobody is left
+/// to tell if nothing was held.
+fn failed_link(message: &str, held: &Held) -> LinkState {
+    LinkState::Failed { message: message.to_owned(), told: held.work.is_empty() }
 }
 
 /// The clients that exist, for [`flush_live_connections`].
@@ -802,13 +810,15 @@ impl DaemonConnection {
                 return done(uploads.add_computed_blocking(base_name, method, &references, data));
             }
             // Refused now what the uploads would refuse once connected.
-            if let Some(e) = std::iter::once(base_name)
-                .chain(references.iter().map(String::as_str))
-                .find_map(|b| StorePath::check_base_name(b).err())
-            {
+            let hash = match StorePath::check_base_name(base_name) {
+                Ok(hash) => hash,
+                Err(e) => return failed(&Error::from(e)),
+            };
+            if let Some(e) = references.iter().find_map(|r| StorePath::check_base_name(r).err()) {
                 return failed(&Error::from(e));
             }
             let early = Early::Add {
+                hash,
                 base_name: base_name.to_owned(),
                 method: method.to_owned(),
                 references: references.clone(),
